@@ -1,0 +1,79 @@
+"""The ``polytask`` command: Lightning's fit/validate/test/predict plus polytask's own tools."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from importlib import resources
+
+from lightning.pytorch.cli import LightningCLI
+
+from polytask.data.datamodule import MultiTaskDataModule
+from polytask.training.module import MultiTaskModule
+
+DEFAULT_CONFIG = str(resources.files("polytask") / "default.yaml")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class PolytaskCLI(LightningCLI):
+    """LightningCLI whose model receives the datamodule's tasks and default loss weights."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        parser.link_arguments("data", "model.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.default_loss_weights", compute_fn=lambda dm: dm.loss_weights, apply_on="instantiate"
+        )
+
+
+def with_defaults(args: Sequence[str]) -> list[str]:
+    """Insert polytask's default config right after the subcommand, so later configs override it."""
+    args = list(args)
+    if args and args[0] in LIGHTNING_COMMANDS:
+        return [args[0], "--config", DEFAULT_CONFIG, *args[1:]]
+    return args
+
+
+def lightning_main(args: Sequence[str]) -> PolytaskCLI:
+    """Run a Lightning subcommand with polytask's defaults (hard sharing on SynthScenes)."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    return PolytaskCLI(
+        MultiTaskModule,
+        MultiTaskDataModule,
+        subclass_mode_data=True,
+        args=with_defaults(args),
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> PolytaskCLI:
+    """Build the datamodule, module and trainer of a config without running anything.
+
+    Args:
+        config_paths: YAML configs applied in order over the defaults.
+        overrides: further ``--key value`` arguments, as on the command line.
+
+    Returns:
+        The CLI object: ``.datamodule``, ``.model`` (a :class:`MultiTaskModule`) and ``.trainer``.
+    """
+    args = [a for path in (DEFAULT_CONFIG, *config_paths) for a in ("--config", path)] + list(overrides)
+    return PolytaskCLI(
+        MultiTaskModule,
+        MultiTaskDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+        save_config_callback=None,
+    )
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``polytask`` console command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](args[1:])
+    lightning_main(args)
+    return 0

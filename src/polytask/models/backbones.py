@@ -1,0 +1,86 @@
+"""Backbones: timm models returning multi-scale feature maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were requested but could not be loaded."""
+
+
+def create_timm_model(
+    name: str,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """``timm.create_model`` with a clear error when pretrained weights cannot be fetched.
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_384.augreg_in21k_ft_in1k``).
+        pretrained: load pretrained weights through timm (Hugging Face Hub or its local cache).
+        pretrained_file: a local weights file to load instead of downloading (implies ``pretrained``).
+        kwargs: passed to ``timm.create_model``.
+    """
+    if pretrained_file is not None:
+        if not Path(pretrained_file).is_file():
+            raise PretrainedWeightsError(f"pretrained_file {str(pretrained_file)!r} for timm model {name!r} does not exist")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise PretrainedWeightsError(
+            f"could not load pretrained weights for timm model {name!r}: {err}\n"
+            "To run offline: set `pretrained: false` in the backbone options, or download the weights on a "
+            "connected machine (they are cached under $HF_HOME, default ~/.cache/huggingface) and copy the cache "
+            "here with HF_HUB_OFFLINE=1 set, or pass `pretrained_file: /path/to/weights.safetensors`."
+        ) from err
+
+
+class TimmBackbone(nn.Module):
+    """A timm model in ``features_only`` mode: a list of feature maps, fine to coarse.
+
+    Works for CNNs (ResNet stages) and for ViTs (tokens of the chosen blocks reshaped to
+    ``(B, C, H/16, W/16)``).
+
+    Args:
+        name: timm model name.
+        out_indices: which stages (CNN) or blocks (ViT) to return.
+        pretrained: load timm pretrained weights.
+        pretrained_file: local weights file (offline use).
+        img_size: training resolution for ViTs (position embeddings are resampled to it).
+        kwargs: other ``timm.create_model`` options (e.g. ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        img_size: Sequence[int] | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__()
+        if img_size is not None:
+            kwargs["img_size"] = tuple(img_size)
+        self.name = name
+        self.body = create_timm_model(
+            name, pretrained=pretrained, pretrained_file=pretrained_file,
+            features_only=True, out_indices=tuple(out_indices), **kwargs,
+        )
+        self.out_channels: list[int] = list(self.body.feature_info.channels())
+        self.reductions: list[int] = list(self.body.feature_info.reduction())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 3, H, W)`` -> list of ``(B, C_i, H / r_i, W / r_i)``."""
+        return list(self.body(images))

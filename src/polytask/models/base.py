@@ -1,0 +1,60 @@
+"""The interface every multi-task network implements, and the model registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from polytask.tasks import Task
+
+MODEL_REGISTRY: dict[str, type[MultiTaskNet]] = {}
+
+
+class MultiTaskNet(nn.Module):
+    """Base class: ``forward(images (B, 3, H, W)) -> {task name: raw output}``.
+
+    Dense outputs are ``(B, task.out_channels, H, W)`` at the input size; image-level ones
+    ``(B, task.out_channels)``.
+
+    Args:
+        tasks: the tasks to predict (from the datamodule).
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError(f"{type(self).__name__} needs at least one task")
+        self.tasks = list(tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the predicted tasks, in order."""
+        return [t.name for t in self.tasks]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by component (for summaries); subclasses refine it."""
+        return {"all": [p for p in self.parameters() if p.requires_grad]}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_model(name: str) -> Callable[[type[MultiTaskNet]], type[MultiTaskNet]]:
+    """Class decorator adding a network to ``MODEL_REGISTRY`` under ``name``."""
+
+    def wrap(cls: type[MultiTaskNet]) -> type[MultiTaskNet]:
+        if name in MODEL_REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        MODEL_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def create_model(name: str, tasks: Sequence[Task], **options: object) -> MultiTaskNet:
+    """Instantiate a registered network by name."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name](tasks, **options)

@@ -1,0 +1,258 @@
+"""Task definitions: what a network predicts for one task and how it is trained and scored.
+
+A :class:`Task` owns its output channels, its loss, its post-processing of raw outputs into
+predictions, its metric and its colourisation. Tasks are built by name from a registry
+(:func:`build_task`); a dataset declares which tasks it carries with their options
+(number of classes, class names) and its default loss weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from polytask import losses
+from polytask.metrics import (
+    AttributeMetric,
+    BoundaryFMetric,
+    DepthMetric,
+    NormalsMetric,
+    SaliencyMetric,
+    SegmentationMetric,
+)
+from polytask.viz import colorize_depth, colorize_labels, colorize_normals, colorize_probability
+
+IGNORE_INDEX = losses.IGNORE_INDEX
+
+
+class Task(ABC):
+    """One prediction task.
+
+    Attributes:
+        name: key of the task in samples, outputs and metric tables.
+        dense: True for per-pixel tasks, False for image-level ones.
+        out_channels: channels of the raw network output for this task.
+        higher_is_better: the metrics that enter Delta_m, with their direction.
+    """
+
+    dense: ClassVar[bool] = True
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+
+    def __init__(self, name: str, out_channels: int) -> None:
+        self.name = name
+        self.out_channels = out_channels
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of raw ``output`` against ``target`` (shapes as in docs/architecture.md)."""
+
+    @abstractmethod
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Turn the raw output into the prediction the metric consumes."""
+
+    @abstractmethod
+    def make_metric(self) -> Metric:
+        """A fresh metric accumulating this task over a split."""
+
+    @abstractmethod
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        """RGB picture ``(H, W, 3)`` uint8 of one prediction or target (no batch axis)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, out_channels={self.out_channels})"
+
+
+class SegmentationTask(Task):
+    """Per-pixel classification (semantic segmentation, human parts)."""
+
+    higher_is_better = {"mIoU": True}
+
+    def __init__(self, name: str, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        super().__init__(name, num_classes)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"task {name!r}: {len(class_names)} class names given for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with ignore 255: output ``(B, C, H, W)``, target ``(B, H, W)``."""
+        return losses.cross_entropy(output, target)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Argmax labels ``(B, H, W)`` int64."""
+        return output.argmax(dim=1)
+
+    def make_metric(self) -> Metric:
+        return SegmentationMetric(self.num_classes)
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        return colorize_labels(value.cpu().numpy(), self.num_classes)
+
+
+class SaliencyTask(Task):
+    """Two-class saliency with batch-balanced cross-entropy; predictions are P(salient)."""
+
+    higher_is_better = {"maxF": True}
+
+    def __init__(self, name: str = "sal", legacy_sigmoid: bool = False) -> None:
+        super().__init__(name, 2)
+        self.legacy_sigmoid = legacy_sigmoid
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Balanced 2-class CE: output ``(B, 2, H, W)``, target ``(B, H, W)`` in {0, 1, 255}."""
+        return losses.balanced_cross_entropy(output, target)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Probability of the salient class ``(B, H, W)``."""
+        return output.float().softmax(dim=1)[:, 1]
+
+    def make_metric(self) -> Metric:
+        return SaliencyMetric(legacy_sigmoid=self.legacy_sigmoid)
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        return colorize_probability(value.float().cpu().numpy())
+
+
+class NormalsTask(Task):
+    """Surface normals: L1 on the L2-normalised prediction; predictions are unit vectors."""
+
+    higher_is_better = {"mean": False}
+
+    def __init__(self, name: str = "normals") -> None:
+        super().__init__(name, 3)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Normals L1: output and target ``(B, 3, H, W)``."""
+        return losses.normals_l1(output, target)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Unit normals ``(B, 3, H, W)``."""
+        return F.normalize(output.float(), p=2, dim=1)
+
+    def make_metric(self) -> Metric:
+        return NormalsMetric()
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        return colorize_normals(value.float().cpu().numpy())
+
+
+class EdgeTask(Task):
+    """Boundary detection with HED-weighted BCE; predictions are boundary probabilities."""
+
+    higher_is_better = {"F_tol": True}
+
+    def __init__(self, name: str = "edge", pos_weight: float = 0.95) -> None:
+        super().__init__(name, 1)
+        self.pos_weight = pos_weight
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """HED BCE: output and target ``(B, 1, H, W)``."""
+        return losses.hed_bce(output, target, pos_weight=self.pos_weight)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Boundary probability ``(B, 1, H, W)``."""
+        return output.float().sigmoid()
+
+    def make_metric(self) -> Metric:
+        return BoundaryFMetric()
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        return colorize_probability(value.float().cpu().numpy()[0])
+
+
+class DepthTask(Task):
+    """Metric depth with masked L1; predictions are depths in metres."""
+
+    higher_is_better = {"rmse": False}
+
+    def __init__(self, name: str = "depth") -> None:
+        super().__init__(name, 1)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Masked L1: output and target ``(B, 1, H, W)``."""
+        return losses.depth_l1(output, target)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Depth ``(B, 1, H, W)`` (raw output, in float32)."""
+        return output.float()
+
+    def make_metric(self) -> Metric:
+        return DepthMetric()
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        return colorize_depth(value.float().cpu().numpy()[0])
+
+
+class AttributeTask(Task):
+    """A group of binary image-level attributes (e.g. the CelebA groups)."""
+
+    dense = False
+    higher_is_better = {"f1": True}
+
+    def __init__(self, name: str, attribute_names: Sequence[str]) -> None:
+        super().__init__(name, len(attribute_names))
+        self.attribute_names = list(attribute_names)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE on sigmoid: output and target ``(B, K)``."""
+        return losses.multilabel_bce(output, target)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Attribute probabilities ``(B, K)``."""
+        return output.float().sigmoid()
+
+    def make_metric(self) -> Metric:
+        return AttributeMetric(self.out_channels)
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        row = (value.float().cpu().numpy().reshape(1, -1) > 0.5).astype(np.float32)
+        return colorize_probability(np.repeat(np.repeat(row, 16, axis=0), 16, axis=1))
+
+
+TASK_REGISTRY: dict[str, Callable[..., Task]] = {
+    "semseg": lambda **kw: SegmentationTask(name=kw.pop("name", "semseg"), **kw),
+    "human_parts": lambda **kw: SegmentationTask(name=kw.pop("name", "human_parts"), **kw),
+    "sal": SaliencyTask,
+    "normals": NormalsTask,
+    "edge": EdgeTask,
+    "depth": DepthTask,
+    "attributes": AttributeTask,
+}
+
+
+def build_task(kind: str, **options: object) -> Task:
+    """Build a task of a registered kind.
+
+    Args:
+        kind: one of ``TASK_REGISTRY`` (semseg, human_parts, sal, normals, edge, depth, attributes).
+        options: the task's constructor arguments (e.g. ``num_classes``, ``class_names``, ``name``).
+    """
+    if kind not in TASK_REGISTRY:
+        raise ValueError(f"unknown task kind {kind!r}; known kinds: {sorted(TASK_REGISTRY)}")
+    try:
+        return TASK_REGISTRY[kind](**options)
+    except TypeError as err:
+        raise TypeError(f"task kind {kind!r}: bad options {sorted(options)}: {err}") from err
+
+
+def select_tasks(available: Sequence[Task], names: Sequence[str] | None, source: str) -> list[Task]:
+    """Keep the tasks named in ``names`` (all when None), in the given order.
+
+    Raises:
+        ValueError: a name is not among ``available``; the message names ``source`` (the dataset).
+    """
+    by_name = {t.name: t for t in available}
+    if names is None:
+        return list(available)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"{source} does not carry task(s) {unknown}; it carries {list(by_name)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {list(names)}")
+    return [by_name[n] for n in names]

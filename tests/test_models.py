@@ -1,0 +1,81 @@
+"""Backbones, heads and the baseline architectures."""
+
+import pytest
+import torch
+
+from polytask.models import HardSharing, PretrainedWeightsError, SingleTask, TimmBackbone, create_model
+from polytask.tasks import build_task
+
+
+def small_tasks() -> list:
+    return [
+        build_task("semseg", num_classes=5),
+        build_task("normals"),
+        build_task("depth"),
+        build_task("edge"),
+        build_task("sal"),
+        build_task("attributes", name="mouth", attribute_names=["a", "b", "c"]),
+    ]
+
+
+def test_hard_sharing_outputs_every_task_at_input_size() -> None:
+    torch.manual_seed(0)
+    net = HardSharing(small_tasks(), backbone="resnet18", decoder_channels=16, head_channels=8).eval()
+    images = torch.randn(2, 3, 64, 96)
+    out = net(images)
+    assert out["semseg"].shape == (2, 5, 64, 96)
+    assert out["normals"].shape == (2, 3, 64, 96)
+    assert out["depth"].shape == (2, 1, 64, 96)
+    assert out["edge"].shape == (2, 1, 64, 96)
+    assert out["sal"].shape == (2, 2, 64, 96)
+    assert out["mouth"].shape == (2, 3)
+    # the heads differ: each task has its own parameters on the shared feature
+    assert not torch.allclose(out["depth"], out["edge"])
+
+
+def test_hard_sharing_shares_backbone_gradients_from_every_task() -> None:
+    tasks = small_tasks()[:2]
+    net = HardSharing(tasks, backbone="resnet18", decoder_channels=16, head_channels=8)
+    out = net(torch.randn(2, 3, 32, 32))
+    out["normals"].sum().backward()
+    assert all(p.grad is None for p in net.heads["semseg"].parameters())
+    assert net.backbone.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_single_task_builds_one_network_per_task() -> None:
+    tasks = small_tasks()[:3]
+    single = SingleTask(tasks, backbone="resnet18", decoder_channels=16, head_channels=8)
+    shared = HardSharing(tasks, backbone="resnet18", decoder_channels=16, head_channels=8)
+    n_single = sum(p.numel() for p in single.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_backbone = sum(p.numel() for p in shared.backbone.parameters())
+    assert n_single > n_shared + n_backbone
+    out = single.eval()(torch.randn(1, 3, 32, 32))
+    assert set(out) == {"semseg", "normals", "depth"}
+    assert set(single.param_groups()) == {"backbone", "decoder", "heads"}
+
+
+def test_vit_backbone_returns_maps_from_chosen_blocks() -> None:
+    bb = TimmBackbone("vit_tiny_patch16_224", out_indices=(1, 3), img_size=(32, 48), depth=4)
+    feats = bb(torch.randn(1, 3, 32, 48))
+    assert [f.shape for f in feats] == [torch.Size([1, 192, 2, 3])] * 2
+    assert bb.reductions == [16, 16]
+
+
+def test_registry_creates_models_and_rejects_unknown() -> None:
+    net = create_model("hard_sharing", small_tasks()[:1], decoder_channels=8, head_channels=8)
+    assert isinstance(net, HardSharing)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        create_model("nope", small_tasks())
+
+
+def test_pretrained_offline_error_says_how_to_run_offline(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsError, match="pretrained: false") as info:
+        TimmBackbone("resnet18", pretrained=True)
+    assert "resnet18" in str(info.value)
+    with pytest.raises(PretrainedWeightsError, match="missing.safetensors"):
+        TimmBackbone("resnet18", pretrained_file=str(tmp_path / "missing.safetensors"))
