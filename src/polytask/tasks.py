@@ -179,8 +179,8 @@ class DepthTask(Task):
         return losses.depth_l1(output, target)
 
     def postprocess(self, output: torch.Tensor) -> torch.Tensor:
-        """Depth ``(B, 1, H, W)`` (raw output, in float32)."""
-        return output.float()
+        """Depth ``(B, 1, H, W)`` in float32, clamped at 0 as the InvPT post-processing does."""
+        return output.float().clamp(min=0.0)
 
     def make_metric(self) -> Metric:
         return DepthMetric()
