@@ -27,9 +27,10 @@ def test_balanced_cross_entropy_weights_by_batch_class_frequency() -> None:
 
 
 def test_normals_l1_normalises_prediction_and_divides_by_valid_pixels() -> None:
-    pred = torch.tensor([[3.0, 0.0], [0.0, 0.0], [4.0, 2.0]]).view(1, 3, 1, 2)
-    target = torch.tensor([[0.0, 255.0], [0.0, 255.0], [1.0, 255.0]]).view(1, 3, 1, 2)
-    # pixel 0: normalised (0.6, 0, 0.8) vs (0, 0, 1): |0.6| + 0 + |0.2| = 0.8; pixel 1 ignored
+    pred = torch.tensor([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0], [4.0, 2.0, 0.0]]).view(1, 3, 1, 3)
+    target = torch.tensor([[0.0, 255.0, 0.0], [0.0, 255.0, 0.0], [1.0, 255.0, 0.0]]).view(1, 3, 1, 3)
+    # pixel 0: normalised (0.6, 0, 0.8) vs (0, 0, 1): |0.6| + 0 + |0.2| = 0.8;
+    # pixel 1 ignored (255), pixel 2 invalid (zero target vector)
     assert math.isclose(losses.normals_l1(pred, target).item(), 0.8, rel_tol=1e-6)
 
 

@@ -67,7 +67,14 @@ def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ())
     )
 
 
-TOOLS: dict[str, Callable[[Sequence[str]], int]] = {}
+def data_tool(args: Sequence[str]) -> int:
+    """``polytask data check --dataset NAME --root DIR``: validate a dataset directory."""
+    from polytask.data.check import data_main
+
+    return data_main(args)
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"data": data_tool}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

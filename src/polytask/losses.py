@@ -52,16 +52,17 @@ def balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_in
 def normals_l1(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """L1 between the L2-normalised prediction and the target normals.
 
-    A pixel counts when none of its three target channels equals ``ignore_index``; the
-    absolute differences of its three channels are summed and the total is divided by the
-    number of valid pixels (ATRC/InvPT reduction).
+    A pixel counts when none of its three target channels equals ``ignore_index`` and the
+    target is not the zero vector (invalid normals; InvPT turns those into ``ignore_index``
+    before its loss); the absolute differences of its three channels are summed and the total
+    is divided by the number of valid pixels (ATRC/InvPT reduction).
 
     Args:
         pred: ``(B, 3, H, W)`` unnormalised normal vectors.
         target: ``(B, 3, H, W)`` unit normals.
     """
     pred = F.normalize(pred.float(), p=2, dim=1)
-    mask = (target != ignore_index).all(dim=1, keepdim=True)
+    mask = (target != ignore_index).all(dim=1, keepdim=True) & (target != 0).any(dim=1, keepdim=True)
     n_valid = mask.sum().clamp(min=1)
     return ((pred - target).abs() * mask).sum() / n_valid
 
