@@ -43,7 +43,7 @@ def test_task_subset_and_loss_weight_overrides(workdir: Path) -> None:
 
 
 def test_unknown_task_is_refused_before_training(workdir: Path) -> None:
-    with pytest.raises(ValueError, match=r"synthscenes does not carry task\(s\) \['boundaries'\]"):
+    with pytest.raises(ValueError, match=r"synthscenes\): unknown task\(s\) \['boundaries'\] in data.tasks"):
         main(["fit", *TINY, "--data.tasks", "[semseg, boundaries]"])
     assert not (workdir / "runs").exists()
 

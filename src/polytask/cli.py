@@ -74,7 +74,14 @@ def data_tool(args: Sequence[str]) -> int:
     return data_main(args)
 
 
-TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"data": data_tool}
+def export_tool(args: Sequence[str]) -> int:
+    """``polytask export --ckpt CKPT --out W.safetensors``: export model weights as safetensors."""
+    from polytask.training.checkpoint import export_main
+
+    return export_main(args)
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"data": data_tool, "export": export_tool}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -218,13 +218,14 @@ class CelebADataModule(FileDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         self.layout = find_layout(Path(root).expanduser())
         self.attribute_names = read_attribute_names(self.layout.attributes)
         self.image_size = image_size
         self._table: AttributeTable | None = None
         self._partition: dict[str, int] | None = None
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

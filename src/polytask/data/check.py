@@ -241,6 +241,7 @@ class FileDataModule(MultiTaskDataModule):
         tasks, batch_size, eval_batch_size, num_workers: as in :class:`MultiTaskDataModule`.
         on_bad_samples: what ``setup()`` does when the quick check finds bad samples: ``error``
             stops with their list; ``skip`` leaves them out and logs which.
+        kwargs: further options of :class:`MultiTaskDataModule` (``predict_dir``, ``predict_size``).
     """
 
     disk_splits: ClassVar[tuple[str, ...]] = ("train", "val")
@@ -254,12 +255,13 @@ class FileDataModule(MultiTaskDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         if on_bad_samples not in ("error", "skip"):
             raise ValueError(f"on_bad_samples must be 'error' or 'skip', got {on_bad_samples!r}")
         self.root = Path(root).expanduser()
         self.on_bad_samples = on_bad_samples
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers)
+        super().__init__(tasks, batch_size, eval_batch_size, num_workers, **kwargs)
 
     def build_split(self, split: str, tasks: Sequence[Task]) -> FileDataset:
         """The untransformed dataset of on-disk ``split`` decoding ``tasks``.

@@ -236,6 +236,7 @@ class FolderDataModule(FileDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         self.spec = read_spec(Path(root).expanduser())
         self.train_size = check_size(train_size, "train_size")
@@ -244,7 +245,7 @@ class FolderDataModule(FileDataModule):
         self.disk_splits = tuple(self.spec.splits)
         fallback = "test" if "test" in self.spec.splits else "val"
         self.stage_splits = {"train": "train", "val": "val", "test": fallback, "predict": fallback}
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         tasks = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -207,9 +207,10 @@ class NYUv2MTANDataModule(_MTANDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         self.task_split = task_split
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [*segmentation_tasks(self.class_names, self.task_split), build_task("depth"), build_task("normals")]
@@ -240,6 +241,7 @@ class CityscapesMTANDataModule(_MTANDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         if num_classes not in (7, 19):
             raise ValueError(f"num_classes must be 7 or 19, got {num_classes!r}")
@@ -247,7 +249,7 @@ class CityscapesMTANDataModule(_MTANDataModule):
         self.class_names = CITYSCAPES_7_CLASSES if num_classes == 7 else CITYSCAPES_19_CLASSES
         self.label_candidates = ("label_7", "label") if num_classes == 7 else ("label_19",)
         self.task_split = task_split
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [*segmentation_tasks(self.class_names, self.task_split), build_task("depth")]

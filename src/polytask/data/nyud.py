@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -196,12 +196,13 @@ class NYUDDataModule(FileDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         self.version: NYUDVersion = detect_version(Path(root).expanduser())
         log.info("NYUD root %s holds %s", root, VERSION_DESCRIPTIONS[self.version])
         self.train_size = check_size(train_size, "train_size") or VERSION_SIZES[self.version]
         self.eval_size = check_size(eval_size, "eval_size") or self.train_size
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -247,10 +247,11 @@ class PascalContextDataModule(FileDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_samples: Literal["error", "skip"] = "error",
+        **kwargs: Any,
     ) -> None:
         self.train_size = check_size(train_size, "train_size")
         self.eval_size = check_size(eval_size, "eval_size")
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples)
+        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

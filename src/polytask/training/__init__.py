@@ -1,7 +1,29 @@
-"""Training: the Lightning module, schedules and reporting callbacks."""
+"""Training: the Lightning module, schedules, checkpointing and reporting callbacks."""
 
+from polytask.training.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    ResumableCheckpoint,
+    UnsafeCheckpointError,
+    export_safetensors,
+    load_weights,
+)
+from polytask.training.guard import NonFiniteGuard, NonFiniteTrainingError
 from polytask.training.module import MultiTaskModule
 from polytask.training.report import MetricReport
 from polytask.training.schedulers import build_scheduler, lr_factor
 
-__all__ = ["MetricReport", "MultiTaskModule", "build_scheduler", "lr_factor"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointMismatchError",
+    "MetricReport",
+    "MultiTaskModule",
+    "NonFiniteGuard",
+    "NonFiniteTrainingError",
+    "ResumableCheckpoint",
+    "UnsafeCheckpointError",
+    "build_scheduler",
+    "export_safetensors",
+    "load_weights",
+    "lr_factor",
+]

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.optim import Optimizer
 
 from polytask.metrics import delta_m, load_reference
 from polytask.models.base import MultiTaskNet
 from polytask.tasks import Task
+from polytask.training.checkpoint import (
+    CHECKPOINT_KEY,
+    checkpoint_config,
+    describe_net,
+    mismatch_error,
+    restore_rng_state,
+    rng_state,
+    state_dict_mismatch,
+)
+from polytask.training.guard import NonFiniteGuard
 from polytask.training.schedulers import ScheduleName, build_scheduler
 
 NetFactory = Callable[[Sequence[Task]], MultiTaskNet]
@@ -33,6 +47,13 @@ class MultiTaskModule(pl.LightningModule):
         warmup_steps: linear warm-up steps.
         single_task_reference: JSON file ``{task: {metric: value}}`` of single-task results; when
             given, Delta_m is computed after every validation and test.
+        max_nonfinite_steps: consecutive optimizer steps with a NaN/inf loss or gradient (each is
+            skipped: no update) after which training stops with an error naming the tasks.
+
+    Checkpoints carry, besides Lightning's state, ``checkpoint["polytask"]``: the model config
+    (:attr:`config_json`), the global random generators and the non-finite guard's counters.
+    Loading a checkpoint whose tensors do not fit the model raises
+    :class:`~polytask.training.checkpoint.CheckpointMismatchError`.
     """
 
     def __init__(
@@ -46,6 +67,7 @@ class MultiTaskModule(pl.LightningModule):
         poly_power: float = 0.9,
         warmup_steps: int = 0,
         single_task_reference: str | None = None,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
@@ -65,6 +87,17 @@ class MultiTaskModule(pl.LightningModule):
             {stage: nn.ModuleDict({t.name: t.make_metric() for t in self.tasks}) for stage in ("val", "test")}
         )
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.config_json = self._describe(net)
+
+    def _describe(self, net: NetFactory) -> str:
+        """JSON description of the model (network class and options, tasks, loss weights) for checkpoints."""
+        net_config = describe_net(self.net)
+        if isinstance(net, functools.partial):
+            net_config["init_args"] = net.keywords
+        module = f"{type(self).__module__}.{type(self).__qualname__}"
+        config = {"module": module, "net": net_config, "loss_weights": self.loss_weights}
+        return json.dumps(config, sort_keys=True, default=repr)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` -> raw outputs per task."""
@@ -78,28 +111,70 @@ class MultiTaskModule(pl.LightningModule):
         """Sum of ``loss_weights[t] * loss_t``."""
         return sum(self.loss_weights[n] * loss for n, loss in task_losses.items())
 
+    def on_train_start(self) -> None:
+        """Start the non-finite guard afresh (no buffer copy from an earlier run)."""
+        self.guard.start()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Let the guard copy the buffers a skipped step must restore."""
+        self.guard.snapshot(self)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
         total = self.weighted_total(task_losses)
+        self.guard.observe_losses(task_losses, total)
         batch_size = batch["image"].shape[0]
         self.log_dict({f"train/loss/{n}": v.detach() for n, v in task_losses.items()}, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Skip the step (drop gradients, restore buffers) when the loss or a gradient is NaN/inf."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        skipped = self.guard.check(self, self.global_step, check_gradients=scaler is None)
+        if skipped is not None:
+            rank_zero_warn(
+                f"step {self.global_step}: {skipped}; optimizer step skipped "
+                f"({self.guard.consecutive} in a row, limit max_nonfinite_steps={self.guard.max_consecutive})"
+            )
+        self.log("train/nonfinite_steps", float(self.guard.total), on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add ``checkpoint["polytask"]``: model config (JSON), global generators, guard counters."""
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config_json, "rng": rng_state(), "guard": self.guard.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint fits this model; when fitting, restore the generators and guard."""
+        found = checkpoint.get("state_dict", {})
+        problems = state_dict_mismatch(self.state_dict(), found, shapes_only=not self.strict_loading)
+        if problems:
+            source = str(self._trainer.ckpt_path) if self._trainer is not None and self._trainer.ckpt_path else "checkpoint"
+            raise mismatch_error(source, problems, checkpoint_config(checkpoint), self.config_json)
+        entry = checkpoint.get(CHECKPOINT_KEY, {})
+        if "guard" in entry:
+            self.guard.load_state_dict(entry["guard"])
+        if "rng" in entry and self._trainer is not None and self._trainer.state.fn == "fit":
+            restore_rng_state(entry["rng"])
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
         batch_size = batch["image"].shape[0]
         self.log(f"{stage}/loss", self.weighted_total(task_losses), batch_size=batch_size, sync_dist=True)
+        preds: dict[str, Any] = {t.name: t.postprocess(outputs[t.name]) for t in self.tasks}
         for task in self.tasks:
-            self.metrics[stage][task.name].update(task.postprocess(outputs[task.name]), batch[task.name])
+            self.metrics[stage][task.name].update(preds[task.name], batch[task.name])
+        preds["meta"] = batch.get("meta", {})
+        return preds
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Update the validation metrics; returns the predictions as :meth:`predict_step` does."""
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Update the test metrics; returns the predictions (callbacks may save them to files)."""
+        return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Post-processed predictions of every task plus the batch's ``meta``."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
+
+from polytask.training.checkpoint import atomic_write
 
 
 def metric_table(results: Mapping[str, Mapping[str, float]], title: str) -> Table:
@@ -25,12 +25,10 @@ def metric_table(results: Mapping[str, Mapping[str, float]], title: str) -> Tabl
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    """Write ``payload`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2).encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 class MetricReport(pl.Callback):
