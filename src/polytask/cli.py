@@ -81,7 +81,18 @@ def export_tool(args: Sequence[str]) -> int:
     return export_main(args)
 
 
-TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"data": data_tool, "export": export_tool}
+def evaluate_tool(args: Sequence[str]) -> int:
+    """``polytask evaluate --dataset NAME --root DATA --pred-dir PRED``: score prediction files."""
+    from polytask.evaluation.evaluate import evaluate_main
+
+    return evaluate_main(args)
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
+    "data": data_tool,
+    "evaluate": evaluate_tool,
+    "export": export_tool,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,9 +34,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.morphology import thin
 
 from polytask.data.check import FileDataModule
+from polytask.evaluation.correspondence import thin
 from polytask.data.io import (
     DataFile,
     DataFileError,

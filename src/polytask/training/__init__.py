@@ -10,6 +10,7 @@ from polytask.training.checkpoint import (
 )
 from polytask.training.guard import NonFiniteGuard, NonFiniteTrainingError
 from polytask.training.module import MultiTaskModule
+from polytask.training.prediction_writer import PredictionWriter
 from polytask.training.report import MetricReport
 from polytask.training.schedulers import build_scheduler, lr_factor
 
@@ -20,6 +21,7 @@ __all__ = [
     "MultiTaskModule",
     "NonFiniteGuard",
     "NonFiniteTrainingError",
+    "PredictionWriter",
     "ResumableCheckpoint",
     "UnsafeCheckpointError",
     "build_scheduler",

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from polytask.metrics import delta_m, load_reference
 from polytask.models.base import MultiTaskNet
-from polytask.tasks import Task
+from polytask.tasks import EdgeTask, SaliencyTask, Task
 from polytask.training.checkpoint import (
     CHECKPOINT_KEY,
     checkpoint_config,
@@ -49,6 +49,8 @@ class MultiTaskModule(pl.LightningModule):
             given, Delta_m is computed after every validation and test.
         max_nonfinite_steps: consecutive optimizer steps with a NaN/inf loss or gradient (each is
             skipped: no update) after which training stops with an error naming the tasks.
+        legacy_sigmoid: score saliency maxF with the InvPT-family quirk (a sigmoid applied to the
+            probabilities); off by default, and every metric table says which was used.
 
     Checkpoints carry, besides Lightning's state, ``checkpoint["polytask"]``: the model config
     (:attr:`config_json`), the global random generators and the non-finite guard's counters.
@@ -68,9 +70,13 @@ class MultiTaskModule(pl.LightningModule):
         warmup_steps: int = 0,
         single_task_reference: str | None = None,
         max_nonfinite_steps: int = 10,
+        legacy_sigmoid: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
+        for task in self.tasks:
+            if isinstance(task, SaliencyTask):
+                task.legacy_sigmoid = legacy_sigmoid
         names = [t.name for t in self.tasks]
         for source, weights in (("loss_weights", loss_weights), ("default_loss_weights", default_loss_weights)):
             unknown = sorted(set(weights or {}) - set(names))
@@ -89,6 +95,16 @@ class MultiTaskModule(pl.LightningModule):
         self.results: dict[str, dict[str, dict[str, float]]] = {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.config_json = self._describe(net)
+
+    def evaluation_settings(self) -> dict[str, str]:
+        """Metric settings that change the numbers, for the printed table and the JSON file."""
+        settings: dict[str, str] = {}
+        for task in self.tasks:
+            if isinstance(task, SaliencyTask):
+                settings[f"{task.name} maxF"] = f"legacy_sigmoid={'on' if task.legacy_sigmoid else 'off'}"
+            elif isinstance(task, EdgeTask):
+                settings[f"{task.name}"] = "F_tol: in-training boundary F (2 px tolerance), not SEISM odsF"
+        return settings
 
     def _describe(self, net: NetFactory) -> str:
         """JSON description of the model (network class and options, tasks, loss weights) for checkpoints."""

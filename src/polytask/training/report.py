@@ -44,16 +44,26 @@ class MetricReport(pl.Callback):
     def __init__(self, json_dir: str | None = None) -> None:
         self.json_dir = json_dir
 
-    @rank_zero_only
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        out_dir = Path(self.json_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: all ranks
+        self._write(trainer, pl_module, stage, out_dir)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, out_dir: Path) -> None:
         results = getattr(pl_module, "results", {}).get(stage)
         if not results:
             return
-        out_dir = Path(self.json_dir or trainer.log_dir or trainer.default_root_dir)
         path = out_dir / f"{stage}_metrics.json"
-        write_json_atomic(path, {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, "results": results})
+        settings = getattr(pl_module, "evaluation_settings", dict)()
+        write_json_atomic(
+            path,
+            {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, "settings": settings, "results": results},
+        )
         console = Console()
-        console.print(metric_table(results, f"{stage} metrics (epoch {trainer.current_epoch}, step {trainer.global_step})"))
+        table = metric_table(results, f"{stage} metrics (epoch {trainer.current_epoch}, step {trainer.global_step})")
+        if settings:
+            table.caption = "; ".join(f"{k}: {v}" for k, v in settings.items())
+        console.print(table)
         console.print(f"metrics written to {path}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

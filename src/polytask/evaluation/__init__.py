@@ -1,0 +1,35 @@
+"""Offline evaluation of saved predictions: SEISM-equivalent boundary odsF / oisF / AP."""
+
+from polytask.evaluation.boundary import (
+    MAX_DIST,
+    MTINET_THRESHOLDS,
+    SEISM_THRESHOLDS,
+    BoundaryCounts,
+    BoundaryEvaluator,
+    BoundaryODSMetric,
+    BoundaryResult,
+    quantize_probabilities,
+    read_prediction_png,
+    segmentation_boundaries,
+)
+from polytask.evaluation.correspondence import PixelMatcher, correspond_pixels, thin
+from polytask.evaluation.edge_nms import edge_nms, edge_orientation, seism_nms
+
+__all__ = [
+    "MAX_DIST",
+    "MTINET_THRESHOLDS",
+    "SEISM_THRESHOLDS",
+    "BoundaryCounts",
+    "BoundaryEvaluator",
+    "BoundaryODSMetric",
+    "BoundaryResult",
+    "PixelMatcher",
+    "correspond_pixels",
+    "edge_nms",
+    "edge_orientation",
+    "quantize_probabilities",
+    "read_prediction_png",
+    "segmentation_boundaries",
+    "seism_nms",
+    "thin",
+]

@@ -1,0 +1,437 @@
+"""``polytask evaluate``: score saved prediction files against a benchmark's ground truth.
+
+Ground truth is read by the dataset readers at the original resolution (no transform);
+predictions by :mod:`polytask.evaluation.prediction_io`. Every task is scored by the metric its
+:class:`~polytask.tasks.Task` builds for in-memory evaluation (saliency with the chosen
+``legacy_sigmoid``), and boundaries additionally by the SEISM-equivalent
+:class:`~polytask.evaluation.boundary.BoundaryEvaluator` (odsF / oisF / AP) with the dataset's
+``MAX_DIST``, on the chosen boundary subset.
+
+All prediction files are checked (presence, format, size) before anything is scored; every
+problem is listed by file name and the command exits with status 1 without results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Iterator, MutableSequence, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torchmetrics import Metric
+
+from polytask.data.check import registry
+from polytask.data.io import DataFileError, FileDataset, mat_array, read_lines
+from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
+from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
+from polytask.tasks import EdgeTask, SaliencyTask, Task
+from polytask.training.report import metric_table, write_json_atomic
+
+DATASETS: tuple[str, ...] = ("pascal_context", "nyud")
+BoundarySubset = Literal["all", "test_new"]
+
+#: SHA-256 of SEISM's ``src/gt_wrappers/gt_sets/PASCALContext/test_new.txt`` (2,498 val ids, sorted,
+#: one per line with a final newline), to recognise the list without shipping it.
+SEISM_TEST_NEW_SHA256 = "1998ea178a4683c851a7db0c5c6d41dcbc026e9502d4a6f10bb3668862cff0ce"
+SEISM_TEST_NEW_SIZE = 2498
+
+#: What SEISM's boundary ground truth is made from, per dataset (see :func:`seism_ground_truth`).
+SEISM_GROUND_TRUTH: dict[str, str] = {
+    "pascal_context": "seg2bmap(LabelMap)",
+    "nyud": "seg2bmap(edge map)",
+}
+
+
+class EvaluationSetupError(ValueError):
+    """The evaluation cannot start (bad arguments, unreadable dataset root or id list)."""
+
+
+def saliency_setting(legacy_sigmoid: bool) -> str:
+    """One line saying how saliency maxF treated the probabilities."""
+    if legacy_sigmoid:
+        return "sal maxF: legacy_sigmoid=on (sigmoid applied to the probabilities first, as the InvPT-family evaluations do)"
+    return "sal maxF: legacy_sigmoid=off (probabilities thresholded as they are)"
+
+
+def id_list_sha256(ids: Sequence[str]) -> str:
+    """SHA-256 of the sorted unique ids, one per line with a final newline."""
+    return hashlib.sha256(("\n".join(sorted(set(ids))) + "\n").encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BoundarySelection:
+    """The images boundaries are scored on.
+
+    Attributes:
+        name: ``all``, ``test_new`` or ``custom``.
+        ids: the selected ids (None: every id of the split).
+        source: the id file they came from, if any.
+    """
+
+    name: str
+    ids: frozenset[str] | None = None
+    source: Path | None = None
+
+    def __contains__(self, sample_id: str) -> bool:
+        return self.ids is None or sample_id in self.ids
+
+    def describe(self, n_split: int) -> str:
+        """E.g. ``test_new (2498 of 5105 ids, from FILE)``."""
+        count = n_split if self.ids is None else len(self.ids)
+        origin = f", from {self.source}" if self.source is not None else ""
+        return f"{self.name} ({count} of {n_split} ids{origin})"
+
+
+def boundary_selection(
+    dataset_name: str, split: str, split_ids: Sequence[str], subset: BoundarySubset, ids_file: Path | None
+) -> BoundarySelection:
+    """Resolve ``--boundary-subset`` and ``--boundary-ids``.
+
+    * ``all`` without a file: every id of the split.
+    * an id file: those ids; named ``test_new`` when the file is SEISM's PASCAL ``test_new``
+      list (checked by :data:`SEISM_TEST_NEW_SHA256`), ``custom`` otherwise.
+    * ``test_new`` on PASCAL-Context: needs SEISM's list as the id file.
+    * ``test_new`` on NYUD: SEISM's NYUD ``test_new`` holds every val image, so all val ids.
+
+    Raises:
+        EvaluationSetupError: ``test_new`` on another split, a PASCAL ``test_new`` without
+            SEISM's list, an unreadable or empty id file, or ids not in the split.
+    """
+    if subset == "test_new" and split != "val":
+        raise EvaluationSetupError(f"boundary subset test_new is part of the val split, not of {split!r}")
+    if ids_file is None:
+        if subset == "all":
+            return BoundarySelection("all")
+        if dataset_name == "nyud":
+            return BoundarySelection("test_new")
+        raise EvaluationSetupError(
+            "PASCAL-Context boundary subset test_new needs its id list: pass --boundary-ids "
+            "seism/src/gt_wrappers/gt_sets/PASCALContext/test_new.txt (see docs/evaluation.md)"
+        )
+    try:
+        ids = read_lines(ids_file)
+    except DataFileError as err:
+        raise EvaluationSetupError(f"--boundary-ids: {err}") from err
+    if not ids:
+        raise EvaluationSetupError(f"--boundary-ids: {ids_file} lists no id")
+    outside = sorted(set(ids) - set(split_ids))
+    if outside:
+        shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+        raise EvaluationSetupError(f"--boundary-ids: {ids_file} lists {len(outside)} id(s) not in the {split} split: {shown}")
+    seism = dataset_name == "pascal_context" and id_list_sha256(ids) == SEISM_TEST_NEW_SHA256
+    if subset == "test_new" and dataset_name == "pascal_context" and not seism:
+        raise EvaluationSetupError(
+            f"--boundary-ids: {ids_file} ({len(set(ids))} ids) is not SEISM's PASCAL-Context test_new list "
+            f"({SEISM_TEST_NEW_SIZE} ids, sha256 {SEISM_TEST_NEW_SHA256[:12]}...); drop --boundary-subset test_new "
+            "to score a custom subset"
+        )
+    return BoundarySelection("test_new" if seism or subset == "test_new" else "custom", frozenset(ids), Path(ids_file))
+
+
+@dataclass
+class EvaluationReport:
+    """What an evaluation found.
+
+    Attributes:
+        dataset, split, root, pred_dir: what was evaluated.
+        n_images: images of the split.
+        results: ``{task: {metric: value}}`` (empty when there were problems).
+        settings: the protocol settings the numbers depend on (JSON-serialisable).
+        notes: one line per setting, for tables.
+        problems: one line per missing or malformed file, naming it.
+    """
+
+    dataset: str
+    split: str
+    root: Path
+    pred_dir: Path
+    n_images: int
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON written by ``--json``."""
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "root": str(self.root),
+            "pred_dir": str(self.pred_dir),
+            "n_images": self.n_images,
+            "settings": self.settings,
+            "results": self.results,
+        }
+
+
+def load_split(dataset_name: str, root: Path, split: str, task_names: Sequence[str] | None) -> tuple[FileDataset, list[Task]]:
+    """The untransformed dataset of ``split`` and its tasks.
+
+    Raises:
+        EvaluationSetupError: unknown dataset, split or task, or a root that cannot be listed.
+    """
+    if dataset_name not in DATASETS:
+        raise EvaluationSetupError(f"unknown dataset {dataset_name!r}; polytask evaluate knows {list(DATASETS)}")
+    module_class = registry()[dataset_name]
+    if split not in module_class.disk_splits:
+        raise EvaluationSetupError(f"{dataset_name} has no split {split!r}; it has {list(module_class.disk_splits)}")
+    try:
+        module = module_class(root=root, tasks=list(task_names) if task_names else None)
+        return module.build_split(split, module.tasks), list(module.tasks)
+    except DataFileError as err:
+        raise EvaluationSetupError(f"{dataset_name} root {root}: {err}") from err
+    except ValueError as err:
+        raise EvaluationSetupError(str(err)) from err
+
+
+def check_predictions(dataset: FileDataset, tasks: Sequence[Task], pred_dir: Path) -> list[str]:
+    """Header-level check of every expected prediction file; one line per problem.
+
+    A task whose folder is missing gives one line instead of one per sample.
+    """
+    problems: list[str] = []
+    present = []
+    for task in tasks:
+        folder = pred_dir / task.name
+        if folder.is_dir():
+            present.append(task)
+        else:
+            problems.append(f"{folder}: folder missing: no predictions of task {task.name!r} ({len(dataset)} expected)")
+    for index, sample_id in enumerate(dataset.ids):
+        try:
+            shape = dataset.image_size(index)
+        except DataFileError as err:
+            problems.append(f"ground truth: {err}")
+            continue
+        for task in present:
+            try:
+                probe_prediction(pred_dir, task, sample_id, shape)
+            except PredictionFileError as err:
+                problems.append(str(err))
+    return problems
+
+
+def seism_ground_truth(dataset_name: str, dataset: FileDataset, index: int, target: torch.Tensor) -> np.ndarray:
+    """The boundary map SEISM scores a sample against, ``(H, W)`` bool (thinned by the evaluator).
+
+    PASCAL-Context: ``seg2bmap`` of the context ``LabelMap`` (SEISM's ``db_gt``), not the
+    Laplacian training target. NYUD: ``seg2bmap`` of the ``edge`` map read as a label map, as
+    the InvPT authors' SEISM wrapper (``prismformore/Boundary-Detection-Evaluation-Tools``,
+    ``db_gt.m``) reads ``edge/<id>.png``.
+
+    Args:
+        dataset_name: ``pascal_context`` or ``nyud``.
+        dataset: the split.
+        index: the sample.
+        target: its decoded ``edge`` target ``(1, H, W)``.
+    """
+    if dataset_name == "pascal_context":
+        return segmentation_boundaries(mat_array(dataset.target_file(index, "edge"), "LabelMap"))
+    return segmentation_boundaries(target[0].numpy())
+
+
+def _score_samples(
+    dataset_name: str,
+    dataset: FileDataset,
+    tasks: Sequence[Task],
+    pred_dir: Path,
+    metrics: dict[str, Metric],
+    selection: BoundarySelection,
+    problems: MutableSequence[str],
+    progress: Progress,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Update ``metrics`` sample by sample; yield ``(probability, SEISM gt)`` pairs of the edge task.
+
+    Problems are appended to ``problems``; once there is one, no more boundary pairs are yielded
+    (no result will be reported) but every remaining file is still read to list all problems.
+    """
+    bar = progress.add_task("reading and scoring", total=len(dataset))
+    for index, sample_id in enumerate(dataset.ids):
+        shape = dataset.image_size(index)
+        for task in tasks:
+            edge = isinstance(task, EdgeTask)
+            if edge and sample_id not in selection:
+                continue
+            try:
+                pred = read_prediction(pred_dir, task, sample_id, shape)
+                target = dataset.validated_target(index, task.name)
+                gt = seism_ground_truth(dataset_name, dataset, index, target) if edge else None
+            except PredictionFileError as err:
+                problems.append(str(err))
+                continue
+            except DataFileError as err:
+                problems.append(f"ground truth: {err}")
+                continue
+            try:
+                metrics[task.name].update(pred[None], target[None])
+            except ValueError as err:
+                problems.append(f"ground truth: {dataset.target_file(index, task.name)}: task {task.name!r}: {err}")
+                continue
+            if gt is not None and not problems:
+                yield pred[0].numpy(), gt
+        progress.advance(bar)
+
+
+def evaluate_predictions(
+    dataset_name: str,
+    root: str | Path,
+    pred_dir: str | Path,
+    split: str = "val",
+    tasks: Sequence[str] | None = None,
+    boundary_subset: BoundarySubset = "all",
+    boundary_ids: str | Path | None = None,
+    legacy_sigmoid: bool = False,
+    workers: int = 1,
+    console: Console | None = None,
+) -> EvaluationReport:
+    """Score the prediction files of ``pred_dir`` against a split's ground truth.
+
+    Args:
+        dataset_name: ``pascal_context`` or ``nyud``.
+        root: the dataset directory.
+        pred_dir: the prediction folder (``<task>/<id>.png|.npy``).
+        split: the split whose ids and ground truth are used.
+        tasks: task names (default: every task of the dataset).
+        boundary_subset: ``all`` or ``test_new`` (see :func:`boundary_selection`).
+        boundary_ids: a file of ids the boundaries are scored on.
+        legacy_sigmoid: saliency maxF with the InvPT-family sigmoid quirk.
+        workers: processes of the boundary evaluation.
+        console: where the progress bar goes (none without).
+
+    Returns:
+        The report; ``results`` is empty and ``problems`` lists every file problem when any.
+
+    Raises:
+        EvaluationSetupError: see :func:`load_split` and :func:`boundary_selection`.
+    """
+    root, pred_dir = Path(root).expanduser(), Path(pred_dir).expanduser()
+    if workers < 1:
+        raise EvaluationSetupError(f"--workers must be >= 1, got {workers}")
+    if not pred_dir.is_dir():
+        raise EvaluationSetupError(f"prediction folder {pred_dir} does not exist")
+    dataset, task_list = load_split(dataset_name, root, split, tasks)
+    task_list = [SaliencyTask(t.name, legacy_sigmoid=legacy_sigmoid) if isinstance(t, SaliencyTask) else t for t in task_list]
+    has_edge = any(isinstance(t, EdgeTask) for t in task_list)
+    if not has_edge and (boundary_ids is not None or boundary_subset != "all"):
+        raise EvaluationSetupError("a boundary subset was given but the edge task is not evaluated")
+    ids_file = Path(boundary_ids) if boundary_ids is not None else None
+    selection = boundary_selection(dataset_name, split, dataset.ids, boundary_subset, ids_file)
+    report = EvaluationReport(dataset_name, split, root, pred_dir, len(dataset))
+    report.settings = {"tasks": [t.name for t in task_list]}
+    if any(isinstance(t, SaliencyTask) for t in task_list):
+        report.settings["saliency_legacy_sigmoid"] = legacy_sigmoid
+        report.notes.append(saliency_setting(legacy_sigmoid))
+    n_boundary = len(dataset) if selection.ids is None else len(selection.ids)
+    if has_edge:
+        report.settings["boundary"] = {
+            "subset": selection.name,
+            "ids_file": str(selection.source) if selection.source else None,
+            "n_images": n_boundary,
+            "max_dist": MAX_DIST[dataset_name],
+            "ground_truth": f"thin({SEISM_GROUND_TRUTH[dataset_name]})",
+        }
+        report.notes.append(
+            f"edge odsF/oisF/ap: SEISM-equivalent against thin({SEISM_GROUND_TRUTH[dataset_name]}), maxDist "
+            f"{MAX_DIST[dataset_name]} x diagonal, subset {selection.describe(len(dataset))}; "
+            "F_tol: the training monitor on the training target, same subset"
+        )
+
+    report.problems = check_predictions(dataset, task_list, pred_dir)
+    if report.problems:
+        return report
+    metrics = {t.name: t.make_metric() for t in task_list}
+    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers)
+    with Progress(console=console, transient=True, disable=console is None) as progress:
+        pairs = _score_samples(dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress)
+        counts = evaluator.evaluate_counts(pairs) if has_edge else list(pairs)
+    if report.problems:
+        return report
+    for task in task_list:
+        values = {k: float(v) for k, v in metrics[task.name].compute().items()}
+        if isinstance(task, EdgeTask):
+            seism = summarize_images(evaluator.thresholds, counts)
+            values = {"odsF": 100.0 * seism.ods_f, "oisF": 100.0 * seism.ois_f, "ap": 100.0 * seism.ap, **values}
+        report.results[task.name] = values
+    return report
+
+
+def render(report: EvaluationReport, console: Console) -> None:
+    """Print the metric table (its caption states the settings) or the list of problems."""
+    if not report.ok:
+        console.print(
+            f"{len(report.problems)} problem(s) with the predictions in {report.pred_dir} "
+            f"({report.dataset} {report.split}); nothing was scored:",
+            markup=False,
+            highlight=False,
+        )
+        for line in report.problems:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        return
+    table = metric_table(report.results, f"{report.dataset} {report.split}: {report.n_images} images from {report.pred_dir}")
+    table.caption = "\n".join(report.notes) or None
+    table.caption_justify = "left"
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``polytask evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="polytask evaluate",
+        description="Score saved predictions (PRED/<task>/<id>.png|.npy) against a benchmark's ground truth.",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark")
+    parser.add_argument("--root", required=True, type=Path, help="dataset directory")
+    parser.add_argument("--pred-dir", required=True, type=Path, help="prediction folder")
+    parser.add_argument("--split", default="val", help="split whose ids and ground truth are used (default: val)")
+    parser.add_argument("--tasks", nargs="+", help="tasks to score (default: all tasks of the dataset)")
+    parser.add_argument(
+        "--boundary-subset", choices=("all", "test_new"), default="all",
+        help="images the boundaries are scored on: all, or SEISM's test_new (published PASCAL-Context numbers)",
+    )
+    parser.add_argument("--boundary-ids", type=Path, help="file of ids (one per line) the boundaries are scored on")
+    parser.add_argument(
+        "--legacy-sigmoid", action="store_true", help="saliency maxF with the InvPT-family sigmoid quirk (published numbers)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes for the boundary evaluation")
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    return parser
+
+
+def evaluate_main(args: Sequence[str]) -> int:
+    """``polytask evaluate ...``: 0 when scored, 1 when prediction or ground-truth files have problems, 2 on bad arguments."""
+    parsed = build_parser().parse_args(list(args))
+    console = Console()
+    try:
+        report = evaluate_predictions(
+            parsed.dataset,
+            parsed.root,
+            parsed.pred_dir,
+            split=parsed.split,
+            tasks=parsed.tasks,
+            boundary_subset=parsed.boundary_subset,
+            boundary_ids=parsed.boundary_ids,
+            legacy_sigmoid=parsed.legacy_sigmoid,
+            workers=parsed.workers,
+            console=console,
+        )
+    except EvaluationSetupError as err:
+        print(f"polytask evaluate: error: {err}", file=sys.stderr)
+        return 2
+    render(report, console)
+    if not report.ok:
+        return 1
+    if parsed.json is not None:
+        write_json_atomic(parsed.json, report.payload())
+        console.print(f"results written to {parsed.json}", markup=False, highlight=False)
+    return 0

@@ -1,0 +1,235 @@
+"""Lightning callback saving test / predict predictions as files that ``polytask evaluate`` reads.
+
+Append it to a run from the command line::
+
+    polytask test --config CFG --ckpt_path CKPT \\
+        --trainer.callbacks+=polytask.training.prediction_writer.PredictionWriter \\
+        --trainer.callbacks.out_dir PRED
+
+(``--trainer.callbacks.<arg>`` right after ``+=`` sets an argument of the callback just appended.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from polytask.data.datamodule import MultiTaskDataModule
+from polytask.evaluation.prediction_io import DepthFormat, has_file_format, write_prediction
+from polytask.tasks import NormalsTask, SegmentationTask, Task
+
+Stage = Literal["validate", "test", "predict"]
+STAGES: tuple[str, ...] = ("validate", "test", "predict")
+
+
+def batch_meta(outputs: Mapping[str, Any], batch_size: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """Ids and original ``(H, W)`` sizes of a batch's samples from its collated ``meta``.
+
+    Args:
+        outputs: a ``test_step`` / ``predict_step`` result with ``meta`` ``{"id": [B ids],
+            "size": [tensor (B,) of heights, tensor (B,) of widths]}`` (the default collation of
+            per-sample ``{"id": str, "size": (H, W)}``).
+        batch_size: ``B``.
+
+    Raises:
+        ValueError: ``meta`` lacks ids or sizes, or their lengths differ from ``B``.
+    """
+    meta = outputs.get("meta") or {}
+    ids, size = meta.get("id"), meta.get("size")
+    if ids is None or size is None:
+        raise ValueError(
+            "PredictionWriter: the step output has no meta['id'] and meta['size']; the dataset must put "
+            "{'id': str, 'size': (H, W)} into every sample's meta"
+        )
+    heights, widths = (torch.as_tensor(s).reshape(-1).tolist() for s in size)
+    if not len(ids) == len(heights) == len(widths) == batch_size:
+        raise ValueError(f"PredictionWriter: meta holds {len(ids)} ids and {len(heights)} sizes for a batch of {batch_size}")
+    return [str(i) for i in ids], [(int(h), int(w)) for h, w in zip(heights, widths)]
+
+
+def centre_crop(value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Undo :class:`polytask.data.transforms.Pad`: the ``(h, w)`` window it centred the sample in.
+
+    Pad puts ``(H - h) // 2`` rows above and ``(W - w) // 2`` columns left of the sample.
+
+    Args:
+        value: ``(..., H, W)`` a padded prediction.
+        size: ``(h, w)`` the original size, at most ``(H, W)``.
+    """
+    height, width = value.shape[-2:]
+    h, w = size
+    if h > height or w > width:
+        raise ValueError(f"original size {h}x{w} exceeds the prediction's {height}x{width}; it was not padded")
+    top, left = (height - h) // 2, (width - w) // 2
+    return value[..., top : top + h, left : left + w]
+
+
+def resize_back(task: Task, value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize one prediction ``(H, W)`` / ``(C, H, W)`` to ``size``: labels nearest, others bilinear.
+
+    Normals are renormalised to unit length after interpolation.
+    """
+    if isinstance(task, SegmentationTask):
+        return F.interpolate(value[None, None].float(), size=size, mode="nearest")[0, 0].to(value.dtype)
+    planar = value[None] if value.dim() == 3 else value[None, None]
+    out = F.interpolate(planar.float(), size=size, mode="bilinear", align_corners=False)[0]
+    if isinstance(task, NormalsTask):
+        return F.normalize(out, dim=0)
+    return out if value.dim() == 3 else out[0]
+
+
+class PredictionWriter(pl.Callback):
+    """Save every dense task's predictions as ``out_dir/<task>/<id>.png|.npy``.
+
+    Formats are those of :mod:`polytask.evaluation.prediction_io`. Predictions are brought back
+    to the sample's original size ``meta["size"]``: evaluation batches are centred in a padded
+    canvas (:class:`polytask.data.transforms.Pad`), which is cropped away; images of a
+    ``predict_dir`` resized to ``predict_size`` are resized back (labels nearest, the rest
+    bilinear). Every process writes the samples of its own batches, each file under a temporary
+    name and then renamed, so the duplicates a distributed sampler pads with never collide.
+
+    Args:
+        out_dir: the prediction folder ``PRED``.
+        tasks: task names to save (default: every dense task of the model; image-level tasks
+            have no file format and are named in a warning).
+        stages: the runs that write: ``test``, ``predict`` and/or ``validate`` (a ``polytask
+            validate`` run; the validation loops of ``fit`` never write).
+        depth_format: ``npy`` (float32 metres) or ``png16`` (16-bit millimetres).
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        tasks: Sequence[str] | None = None,
+        stages: Sequence[Stage] = ("test", "predict"),
+        depth_format: DepthFormat = "npy",
+    ) -> None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise ValueError(f"PredictionWriter: stages must be a non-empty subset of {list(STAGES)}, got {list(stages)}")
+        if depth_format not in ("npy", "png16"):
+            raise ValueError(f"PredictionWriter: depth_format must be 'npy' or 'png16', got {depth_format!r}")
+        self.out_dir = Path(out_dir).expanduser()
+        self.task_names = list(tasks) if tasks is not None else None
+        self.stages = tuple(stages)
+        self.depth_format: DepthFormat = depth_format
+        self.tasks: list[Task] = []
+        self.written = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the tasks to save from the module's ``tasks``."""
+        if not hasattr(pl_module, "tasks"):
+            raise TypeError(f"PredictionWriter: {type(pl_module).__name__} has no `tasks`; it needs a polytask MultiTaskModule")
+        available: list[Task] = list(pl_module.tasks)
+        by_name = {t.name: t for t in available}
+        if self.task_names is None:
+            self.tasks = [t for t in available if has_file_format(t)]
+            skipped = [t.name for t in available if not has_file_format(t)]
+            if skipped:
+                rank_zero_warn(f"PredictionWriter: image-level task(s) {skipped} have no prediction file format; not saved")
+            return
+        unknown = [n for n in self.task_names if n not in by_name]
+        if unknown:
+            raise ValueError(f"PredictionWriter: task(s) {unknown} are not predicted by the model; it predicts {list(by_name)}")
+        no_format = [n for n in self.task_names if not has_file_format(by_name[n])]
+        if no_format:
+            raise ValueError(f"PredictionWriter: image-level task(s) {no_format} have no prediction file format")
+        self.tasks = [by_name[n] for n in self.task_names]
+
+    def _resized(self, trainer: pl.Trainer) -> bool:
+        """Whether this run's inputs were resized (a ``predict_dir`` read at ``predict_size``)."""
+        datamodule = trainer.datamodule
+        return (
+            trainer.state.fn == "predict"
+            and isinstance(datamodule, MultiTaskDataModule)
+            and datamodule.predict_dir is not None
+            and datamodule.predict_size is not None
+        )
+
+    def write_batch(self, trainer: pl.Trainer, outputs: Mapping[str, Any]) -> None:
+        """Save the predictions of one step output ``{task: (B, ...) prediction, "meta": ...}``."""
+        if not self.tasks:
+            return
+        batch_size = outputs[self.tasks[0].name].shape[0]
+        ids, sizes = batch_meta(outputs, batch_size)
+        resized = self._resized(trainer)
+        for task in self.tasks:
+            values = outputs[task.name].detach().cpu()
+            for sample_id, size, value in zip(ids, sizes, values):
+                value = resize_back(task, value, size) if resized else centre_crop(value, size)
+                try:
+                    write_prediction(self.out_dir, task, sample_id, value, self.depth_format)
+                except ValueError as err:
+                    raise ValueError(f"PredictionWriter: sample {sample_id!r}: {err}") from err
+        self.written += batch_size
+
+    def _active(self, trainer: pl.Trainer, stage: Stage) -> bool:
+        return stage in self.stages and trainer.state.fn == stage and not trainer.sanity_checking
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.written = 0
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.written = 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.written = 0
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, "test"):
+            self.write_batch(trainer, outputs)
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, "predict"):
+            self.write_batch(trainer, outputs)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, "validate"):
+            self.write_batch(trainer, outputs)
+
+    def _report(self, trainer: pl.Trainer, stage: Stage) -> None:
+        """Say where the predictions went (no collective call: other callbacks may hold rank 0)."""
+        if not self._active(trainer, stage):
+            return
+        names = [t.name for t in self.tasks]
+        where = f" by process 0 of {trainer.world_size}" if trainer.world_size > 1 else ""
+        rank_zero_info(f"PredictionWriter: {names} predictions of {self.written} sample(s){where} written to {self.out_dir}")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "test")
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "predict")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "validate")
