@@ -16,8 +16,11 @@ def test_registry_builds_every_kind_with_its_channels() -> None:
         "edge": build_task("edge").out_channels,
         "depth": build_task("depth").out_channels,
         "attributes": build_task("attributes", name="eyes", attribute_names=list("abcde")).out_channels,
+        "classification": build_task("classification", name="digit", num_classes=10).out_channels,
     }
-    assert channels == {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1, "depth": 1, "attributes": 5}
+    assert channels == {
+        "semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1, "depth": 1, "attributes": 5, "classification": 10,
+    }
     assert set(TASK_REGISTRY) == set(channels)
 
 

@@ -20,9 +20,9 @@ class PolytaskCLI(LightningCLI):
     """LightningCLI whose model receives the datamodule's tasks and default loss weights."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("data", "model.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
         parser.link_arguments(
-            "data", "model.default_loss_weights", compute_fn=lambda dm: dm.loss_weights, apply_on="instantiate"
+            "data", "model.init_args.default_loss_weights", compute_fn=lambda dm: dm.loss_weights, apply_on="instantiate"
         )
 
 
@@ -40,6 +40,7 @@ def lightning_main(args: Sequence[str]) -> PolytaskCLI:
     return PolytaskCLI(
         MultiTaskModule,
         MultiTaskDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         args=with_defaults(args),
         save_config_kwargs={"overwrite": True},
@@ -60,6 +61,7 @@ def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ())
     return PolytaskCLI(
         MultiTaskModule,
         MultiTaskDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
         run=False,

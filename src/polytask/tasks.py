@@ -21,6 +21,7 @@ from polytask import losses
 from polytask.metrics import (
     AttributeMetric,
     BoundaryFMetric,
+    ClassificationAccuracy,
     DepthMetric,
     NormalsMetric,
     SaliencyMetric,
@@ -215,6 +216,39 @@ class AttributeTask(Task):
         return colorize_probability(np.repeat(np.repeat(row, 16, axis=0), 16, axis=1))
 
 
+class ImageClassificationTask(Task):
+    """Multi-class image-level classification: output ``(B, C)`` logits, target ``(B,)`` class ids.
+
+    Args:
+        name: task name.
+        num_classes: ``C``.
+    """
+
+    dense = False
+    higher_is_better = {"accuracy": True}
+
+    def __init__(self, name: str, num_classes: int) -> None:
+        super().__init__(name, num_classes)
+        self.num_classes = num_classes
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy: output ``(B, C)``, target ``(B,)``."""
+        return F.cross_entropy(output.float(), target.long())
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Predicted class ids ``(B,)`` int64."""
+        return output.argmax(dim=1)
+
+    def make_metric(self) -> Metric:
+        return ClassificationAccuracy()
+
+    def colorize(self, value: torch.Tensor) -> np.ndarray:
+        """A row of ``C`` 16x16 cells, the cell of the class ``value`` (0-dim) white."""
+        row = np.zeros((1, self.num_classes), dtype=np.float32)
+        row[0, int(value)] = 1.0
+        return colorize_probability(np.repeat(np.repeat(row, 16, axis=0), 16, axis=1))
+
+
 TASK_REGISTRY: dict[str, Callable[..., Task]] = {
     "semseg": lambda **kw: SegmentationTask(name=kw.pop("name", "semseg"), **kw),
     "human_parts": lambda **kw: SegmentationTask(name=kw.pop("name", "human_parts"), **kw),
@@ -223,6 +257,7 @@ TASK_REGISTRY: dict[str, Callable[..., Task]] = {
     "edge": EdgeTask,
     "depth": DepthTask,
     "attributes": AttributeTask,
+    "classification": ImageClassificationTask,
 }
 
 
@@ -230,7 +265,8 @@ def build_task(kind: str, **options: object) -> Task:
     """Build a task of a registered kind.
 
     Args:
-        kind: one of ``TASK_REGISTRY`` (semseg, human_parts, sal, normals, edge, depth, attributes).
+        kind: one of ``TASK_REGISTRY`` (semseg, human_parts, sal, normals, edge, depth, attributes,
+            classification).
         options: the task's constructor arguments (e.g. ``num_classes``, ``class_names``, ``name``).
     """
     if kind not in TASK_REGISTRY:

@@ -3,6 +3,7 @@
 from polytask.data.celeba import CelebADataModule
 from polytask.data.check import BrokenDatasetError, CheckReport, FileDataModule, check_dataset
 from polytask.data.datamodule import MultiTaskDataModule, SynthScenesDataModule
+from polytask.data.digits import DigitsDataModule
 from polytask.data.folder import FolderDataModule
 from polytask.data.mtan import CityscapesMTANDataModule, NYUv2MTANDataModule
 from polytask.data.nyud import NYUDDataModule
@@ -13,6 +14,7 @@ __all__ = [
     "CelebADataModule",
     "CheckReport",
     "CityscapesMTANDataModule",
+    "DigitsDataModule",
     "FileDataModule",
     "FolderDataModule",
     "MultiTaskDataModule",

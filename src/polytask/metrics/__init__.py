@@ -7,6 +7,7 @@ per-image scores) in states that are summed across processes, and ``compute()`` 
 
 from polytask.metrics.attributes import AttributeMetric
 from polytask.metrics.boundary import BoundaryFMetric
+from polytask.metrics.classification import ClassificationAccuracy
 from polytask.metrics.delta import delta_m, load_reference
 from polytask.metrics.depth import DepthMetric
 from polytask.metrics.normals import NormalsMetric
@@ -16,6 +17,7 @@ from polytask.metrics.segmentation import SegmentationMetric
 __all__ = [
     "AttributeMetric",
     "BoundaryFMetric",
+    "ClassificationAccuracy",
     "DepthMetric",
     "NormalsMetric",
     "SaliencyMetric",

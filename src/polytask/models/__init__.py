@@ -4,6 +4,8 @@ from polytask.models.backbones import PretrainedWeightsError, TimmBackbone, crea
 from polytask.models.base import MODEL_REGISTRY, MultiTaskNet, create_model, register_model
 from polytask.models.baselines import HardSharing, SingleTask
 from polytask.models.heads import DenseHead, FusionDecoder, ImageHead, make_head
+from polytask.models.taskexpert import TaskExpert
+from polytask.models import etr_nlp  # registers the ETR-NLP networks and baselines
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -14,9 +16,11 @@ __all__ = [
     "MultiTaskNet",
     "PretrainedWeightsError",
     "SingleTask",
+    "TaskExpert",
     "TimmBackbone",
     "create_model",
     "create_timm_model",
+    "etr_nlp",
     "make_head",
     "register_model",
 ]

@@ -10,6 +10,7 @@ from polytask.training.checkpoint import (
 )
 from polytask.training.guard import NonFiniteGuard, NonFiniteTrainingError
 from polytask.training.module import MultiTaskModule
+from polytask.training.per_task import PerTaskModule
 from polytask.training.prediction_writer import PredictionWriter
 from polytask.training.report import MetricReport
 from polytask.training.schedulers import build_scheduler, lr_factor
@@ -21,6 +22,7 @@ __all__ = [
     "MultiTaskModule",
     "NonFiniteGuard",
     "NonFiniteTrainingError",
+    "PerTaskModule",
     "PredictionWriter",
     "ResumableCheckpoint",
     "UnsafeCheckpointError",

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from polytask.metrics import delta_m, load_reference
+from polytask.metrics import AttributeMetric, delta_m, load_reference
 from polytask.models.base import MultiTaskNet
 from polytask.tasks import EdgeTask, SaliencyTask, Task
 from polytask.training.checkpoint import (
@@ -28,6 +28,9 @@ from polytask.training.checkpoint import (
 )
 from polytask.training.guard import NonFiniteGuard
 from polytask.training.schedulers import ScheduleName, build_scheduler
+
+ALL_ATTRIBUTES = "attributes"
+"""Results key of the metrics averaged over every attribute of every attribute-group task."""
 
 NetFactory = Callable[[Sequence[Task]], MultiTaskNet]
 
@@ -201,12 +204,21 @@ class MultiTaskModule(pl.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         results: dict[str, dict[str, float]] = {}
+        per_attribute: dict[str, list[torch.Tensor]] = {}
         for task in self.tasks:
             metric = self.metrics[stage][task.name]
             values = {k: float(v) for k, v in metric.compute().items()}
+            if isinstance(metric, AttributeMetric):
+                for key, tensor in metric.per_attribute().items():
+                    per_attribute.setdefault(key, []).append(tensor.flatten())
             metric.reset()
             results[task.name] = values
             self.log_dict({f"{stage}/{task.name}/{k}": v for k, v in values.items()}, sync_dist=False)
+        if per_attribute and ALL_ATTRIBUTES not in results:
+            # CelebA reports precision/recall/F1/accuracy averaged over all 40 attributes, across groups
+            mean = {k: float(torch.cat(v).double().mean()) for k, v in per_attribute.items()}
+            results[ALL_ATTRIBUTES] = mean
+            self.log_dict({f"{stage}/{ALL_ATTRIBUTES}/{k}": v for k, v in mean.items()}, sync_dist=False)
         if self.reference is not None:
             directions = {t.name: t.higher_is_better for t in self.tasks}
             dm = delta_m(results, self.reference, directions)

@@ -1,0 +1,21 @@
+"""Diagnostics of trained networks: expert usage of mixture-of-experts models."""
+
+from polytask.diagnostics.expert_usage import (
+    ExpertUsageMonitor,
+    GateRecorder,
+    GateUsage,
+    dominant_expert_maps,
+    expert_usage_main,
+    plot_dominant_experts,
+    plot_usage_heatmaps,
+)
+
+__all__ = [
+    "ExpertUsageMonitor",
+    "GateRecorder",
+    "GateUsage",
+    "dominant_expert_maps",
+    "expert_usage_main",
+    "plot_dominant_experts",
+    "plot_usage_heatmaps",
+]

@@ -1,0 +1,325 @@
+"""Expert usage of mixture-of-experts networks: gate statistics, heatmaps and dominant-expert maps.
+
+A network takes part when it exposes the gate-recording interface of
+:class:`~polytask.models.taskexpert.TaskExpert` (:class:`GateRecorder`): set ``record_gates`` and
+every forward leaves in ``gate_record`` one tensor ``(B, T, S_l, h, w)`` of gate weights per
+MMoE layer (``S_l`` slots: the experts, then the memory when the layer reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from torch import nn
+
+from polytask.training.report import write_json_atomic
+
+
+@runtime_checkable
+class GateRecorder(Protocol):
+    """What a network offers to the expert-usage diagnostics."""
+
+    record_gates: bool
+    gate_record: list[torch.Tensor]
+    mmoe_blocks: list[int]
+
+    @property
+    def task_names(self) -> list[str]: ...
+
+    def gate_slot_names(self) -> list[list[str]]: ...
+
+
+class GateUsage:
+    """Running mean gate weight per layer, task and slot, over every token of every image seen."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.counts: list[int] = []
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self.sums, self.counts = [], []
+
+    def update(self, records: Sequence[torch.Tensor]) -> None:
+        """Add one batch: per layer, gate weights ``(B, T, S, h, w)``."""
+        if not self.sums:
+            self.sums = [torch.zeros(r.shape[1:3], dtype=torch.float64) for r in records]
+            self.counts = [0] * len(records)
+        for i, record in enumerate(records):
+            self.sums[i] += record.detach().double().sum(dim=(0, 3, 4)).cpu()
+            self.counts[i] += record.shape[0] * record.shape[3] * record.shape[4]
+
+    def compute(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per layer, the mean gate weight ``(T, S)`` (every row sums to 1).
+
+        Args:
+            reduce: sums a tensor over processes (e.g. the strategy's all-reduce) before dividing.
+        """
+        if not self.sums:
+            raise RuntimeError("no gate weights were accumulated")
+        sums = [reduce(s) if reduce else s for s in self.sums]
+        counts = torch.tensor(self.counts, dtype=torch.float64)
+        counts = reduce(counts) if reduce else counts
+        return [s.cpu() / c.cpu() for s, c in zip(sums, counts)]
+
+
+def gate_recorder_of(module: nn.Module) -> GateRecorder | None:
+    """The gate-recording network of a Lightning module (its ``net``) or the module itself, else None."""
+    for candidate in (getattr(module, "net", None), module):
+        if isinstance(candidate, GateRecorder):
+            return candidate
+    return None
+
+
+def usage_payload(
+    means: Sequence[torch.Tensor], tasks: Sequence[str], slots: Sequence[Sequence[str]], blocks: Sequence[int]
+) -> dict[str, object]:
+    """JSON-ready usage: per layer its block, its slot names and the ``(T, S)`` mean gate weights
+    as ``{task: {slot: weight}}``."""
+    return {
+        "tasks": list(tasks),
+        "layers": [
+            {"block": int(block), "slots": list(names),
+             "mean_gate": {t: {s: float(m[i, j]) for j, s in enumerate(names)} for i, t in enumerate(tasks)}}
+            for m, names, block in zip(means, slots, blocks)
+        ],
+    }
+
+
+def plot_usage_heatmaps(
+    means: Sequence[torch.Tensor],
+    tasks: Sequence[str],
+    slots: Sequence[Sequence[str]],
+    blocks: Sequence[int],
+    path: str | Path,
+    title: str = "mean gate weight",
+) -> Path:
+    """Write a PNG with one panel per MMoE layer: tasks (rows) x experts and memory (columns)."""
+    fig = Figure(figsize=(1.0 + 0.55 * sum(len(s) for s in slots) + 1.2 * len(means), 1.2 + 0.45 * len(tasks)))
+    axes = fig.subplots(1, len(means), squeeze=False)
+    vmax = max(float(m.max()) for m in means)
+    for ax, m, names, block in zip(axes[0], means, slots, blocks):
+        image = ax.imshow(m.numpy(), vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
+        ax.set_title(f"after block {block}")
+        ax.set_xticks(range(len(names)), names, rotation=90)
+        ax.set_yticks(range(len(tasks)), tasks if ax is axes[0, 0] else [""] * len(tasks))
+        for (i, j), value in np.ndenumerate(m.numpy()):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if value > 0.6 * vmax else "white")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, y=1.04)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return out
+
+
+class ExpertUsageMonitor(pl.Callback):
+    """Mean gate weight per task x slot x layer over each validation, logged and saved.
+
+    After every validation (not the sanity check) it sums the statistics over processes, logs
+    ``experts/block<b>/<task>/<slot>`` and writes ``<dir>/step<step>.png`` (heatmaps, one panel
+    per layer) and ``<dir>/step<step>.json``.
+    Networks without gates are left alone (with a warning).
+
+    Args:
+        out_dir: where the files go (default ``<trainer log dir>/expert_usage``).
+        log_scalars: log the means through the module's loggers.
+    """
+
+    def __init__(self, out_dir: str | None = None, log_scalars: bool = True) -> None:
+        self.out_dir = out_dir
+        self.log_scalars = log_scalars
+        self.usage = GateUsage()
+        self._net: GateRecorder | None = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._net = None if trainer.sanity_checking else gate_recorder_of(pl_module)
+        if self._net is None:
+            if not trainer.sanity_checking:
+                rank_zero_warn(f"ExpertUsageMonitor: {type(pl_module).__name__} records no gate weights")
+            return
+        self.usage.reset()
+        self._net.record_gates = True
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
+                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._net is not None:
+            self.usage.update(self._net.gate_record)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self._net
+        if net is None:
+            return
+        net.record_gates = False
+        net.gate_record = []
+        self._net = None
+        means = self.usage.compute(
+            lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum")
+        )
+        tasks, slots, blocks = net.task_names, net.gate_slot_names(), net.mmoe_blocks
+        if self.log_scalars:
+            pl_module.log_dict({
+                f"experts/block{b}/{t}/{s}": float(m[i, j])
+                for m, names, b in zip(means, slots, blocks) for i, t in enumerate(tasks) for j, s in enumerate(names)
+            })
+        self._write(trainer, means, tasks, slots, blocks)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, means: list[torch.Tensor], tasks: list[str],
+               slots: list[list[str]], blocks: list[int]) -> None:
+        out_dir = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "expert_usage")
+        stem = out_dir / f"step{trainer.global_step:07d}"
+        payload = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+                   **usage_payload(means, tasks, slots, blocks)}
+        write_json_atomic(stem.with_suffix(".json"), payload)
+        plot_usage_heatmaps(means, tasks, slots, blocks, stem.with_suffix(".png"),
+                            title=f"mean gate weight (validation, step {trainer.global_step})")
+
+
+def dominant_expert_maps(net: nn.Module, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Per task and MMoE layer, the slot with the largest gate weight at every pixel.
+
+    Gate weights are upsampled bilinearly from the token grid to the image size before the argmax.
+
+    Args:
+        net: a :class:`GateRecorder` network.
+        image: one normalised image ``(3, H, W)``.
+
+    Returns:
+        ``{task: [per layer, int64 (H, W) slot indices]}`` (index ``N`` is the memory where read).
+    """
+    if not isinstance(net, GateRecorder):
+        raise TypeError(f"{type(net).__name__} does not record gate weights")
+    was_training, was_recording = net.training, net.record_gates
+    net.eval()
+    net.record_gates = True
+    try:
+        with torch.no_grad():
+            net(image.unsqueeze(0).to(next(net.parameters()).device))
+        records = net.gate_record
+    finally:
+        net.train(was_training)
+        net.record_gates = was_recording
+        net.gate_record = []
+    size = tuple(image.shape[-2:])
+    maps: dict[str, list[torch.Tensor]] = {t: [] for t in net.task_names}
+    for record in records:
+        _, num_tasks, num_slots, h, w = record.shape
+        up = F.interpolate(record.reshape(1, num_tasks * num_slots, h, w), size=size, mode="bilinear",
+                           align_corners=False).reshape(num_tasks, num_slots, *size)
+        for t, labels in zip(net.task_names, up.argmax(dim=1).cpu()):
+            maps[t].append(labels)
+    return maps
+
+
+def plot_dominant_experts(
+    rgb: np.ndarray,
+    maps: Mapping[str, Sequence[torch.Tensor]],
+    slots: Sequence[Sequence[str]],
+    blocks: Sequence[int],
+    path: str | Path,
+) -> Path:
+    """Write a PNG: the image, then one row per task with its dominant-slot map per layer.
+
+    Args:
+        rgb: the image ``(H, W, 3)`` uint8.
+        maps: output of :func:`dominant_expert_maps`.
+        slots: slot names per layer.
+        blocks: block number of every layer.
+        path: the PNG to write.
+    """
+    names = max(slots, key=len)
+    palette = "tab10" if len(names) <= 10 else "tab20" if len(names) <= 20 else "turbo"
+    cmap = colormaps[palette].resampled(len(names))
+    tasks = list(maps)
+    cols = len(blocks) + 1
+    fig = Figure(figsize=(2.2 * cols, 1.8 * len(tasks) + 0.6))
+    axes = fig.subplots(len(tasks), cols, squeeze=False)
+    for row, task in enumerate(tasks):
+        axes[row, 0].imshow(rgb)
+        axes[row, 0].set_ylabel(task)
+        for col, (labels, block) in enumerate(zip(maps[task], blocks), start=1):
+            axes[row, col].imshow(labels.numpy(), cmap=cmap, vmin=0, vmax=cmap.N - 1, interpolation="nearest")
+            if row == 0:
+                axes[row, col].set_title(f"after block {block}")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.legend(handles=[Patch(color=cmap(k), label=n) for k, n in enumerate(names)], loc="lower center",
+               ncol=min(len(names), 9), fontsize=7, frameon=False)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return out
+
+
+def _denormalize(image: torch.Tensor) -> np.ndarray:
+    """Normalised ``(3, H, W)`` -> RGB uint8 ``(H, W, 3)`` (ImageNet mean and std)."""
+    from polytask.data.synthscenes import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.float().cpu() * std + mean).clamp(0, 1) * 255
+    return rgb.round().byte().permute(1, 2, 0).numpy()
+
+
+def _load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An image file resized to ``size`` ``(H, W)`` and normalised: ``(3, H, W)``."""
+    from PIL import Image
+
+    from polytask.data.synthscenes import IMAGENET_MEAN, IMAGENET_STD
+
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32) / 255.0
+    image = torch.from_numpy(rgb).permute(2, 0, 1)
+    return (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def expert_usage_main(args: Sequence[str]) -> int:
+    """``polytask experts``: dominant-expert maps of one image for a config (and checkpoint).
+
+    Unknown ``--key value`` arguments are passed to the config as overrides.
+    """
+    parser = argparse.ArgumentParser(prog="polytask experts", description=expert_usage_main.__doc__)
+    parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable, applied in order)")
+    parser.add_argument("--ckpt", help="Lightning checkpoint to load (default: the config's initial weights)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (resized to the network's resolution)")
+    source.add_argument("--index", type=int, help="index of a sample of the datamodule's validation split")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    options, overrides = parser.parse_known_args(list(args))
+
+    from polytask.cli import instantiate
+
+    cli = instantiate(options.config, overrides)
+    module = cli.model
+    if options.ckpt:
+        checkpoint = torch.load(options.ckpt, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["state_dict"])
+    net = gate_recorder_of(module)
+    if net is None:
+        parser.error(f"the network of {options.config} records no gate weights")
+    if options.image:
+        size = getattr(net, "image_size", None)
+        if size is None:
+            parser.error("--image needs a network with an image_size; use --index")
+        image = _load_image(options.image, size)
+    else:
+        image = cli.datamodule.make_dataset("val")[options.index]["image"]
+    maps = dominant_expert_maps(net, image)
+    out = plot_dominant_experts(_denormalize(image), maps, net.gate_slot_names(), net.mmoe_blocks, options.out)
+    print(f"dominant-expert maps written to {out}")
+    return 0

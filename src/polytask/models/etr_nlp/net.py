@@ -1,0 +1,90 @@
+"""The routed multi-task network: a (possibly task-routed) trunk and one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from polytask.models.base import MultiTaskNet
+from polytask.models.etr_nlp.layers import RoutedConv, TaskBatchNorm
+from polytask.models.etr_nlp.router import TaskRouter
+from polytask.models.etr_nlp.routing import Routing, route_modules
+from polytask.tasks import Task
+
+
+class RoutedNet(MultiTaskNet):
+    """A trunk ``(B, 3, H, W) -> (B, C, h, w)`` routed by :class:`Routing`, and per-task heads.
+
+    Forward modes:
+
+    * per-task (:meth:`forward_task`): the trunk runs the path of one task, then its head;
+    * batched (:meth:`forward_tasks`, and ``forward``): the paths of several tasks run in one
+      call, their images stacked along the batch axis (task convolutions as one grouped
+      convolution, batch norm statistics per task block); the outputs equal those of the
+      per-task mode.
+
+    A network whose trunk is shared (``hard``, ``nlp``) runs the trunk once for all heads.
+
+    Args:
+        tasks: the tasks to predict.
+        routing: how the trunk is routed.
+        trunk: the plain trunk; its layers are replaced in place (:func:`route_modules`).
+        heads: one module per task name, ``head(features (B, C, h, w), size) -> output``.
+        init_conv: initialisation of the learnable convolutions created by the routing.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        routing: Routing,
+        trunk: nn.Module,
+        heads: Mapping[str, nn.Module],
+        init_conv: Callable[[nn.Conv2d], None],
+    ) -> None:
+        super().__init__(tasks)
+        if set(heads) != set(self.task_names):
+            raise ValueError(f"heads {sorted(heads)} do not match the tasks {self.task_names}")
+        self.routing = routing
+        self.router = TaskRouter(len(self.tasks))
+        self.task_index = {name: i for i, name in enumerate(self.task_names)}
+        route_modules(trunk, self.router, routing, init_conv)
+        self.trunk = trunk
+        self.heads = nn.ModuleDict({name: heads[name] for name in self.task_names})
+
+    def forward_tasks(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Outputs of the tasks ``names`` in one call: ``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W) or (B, C_t)}``."""
+        size = images.shape[-2:]
+        unknown = [n for n in names if n not in self.task_index]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; tasks: {self.task_names}")
+        if not self.routing.task_conditioned:
+            features = self.trunk(images)
+            return {name: self.heads[name](features, size) for name in names}
+        with self.router.route([self.task_index[n] for n in names]):
+            features = self.trunk(images.repeat(len(names), 1, 1, 1))
+        return {name: self.heads[name](block, size) for name, block in zip(names, features.chunk(len(names)))}
+
+    def forward_task(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        """Per-task mode: only the path and head of task ``name``; ``(B, 3, H, W)`` -> its output."""
+        return self.forward_tasks(images, [name])[name]
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All tasks in the batched mode: ``(B, 3, H, W)`` -> ``{task: output}``."""
+        return self.forward_tasks(images, self.task_names)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters: ``shared`` trunk, ``task_specific`` trunk (task convs, task norms), ``heads``."""
+        specific: dict[int, nn.Parameter] = {}
+        for module in self.trunk.modules():
+            if isinstance(module, TaskBatchNorm):
+                specific.update({id(p): p for p in module.parameters()})
+            elif isinstance(module, RoutedConv) and module.task_convs is not None:
+                specific.update({id(p): p for p in module.task_convs.parameters()})
+        trunk = [p for p in self.trunk.parameters() if p.requires_grad]
+        return {
+            "shared": [p for p in trunk if id(p) not in specific],
+            "task_specific": [p for p in trunk if id(p) in specific],
+            "heads": [p for p in self.heads.parameters() if p.requires_grad],
+        }

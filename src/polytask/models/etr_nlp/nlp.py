@@ -1,0 +1,96 @@
+"""The NLP block: frozen primitives recombined by a learnable group-wise 1x1 convolution."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from polytask.models.etr_nlp.primitives import DEFAULT_PRIMITIVES, POINTWISE_PRIMITIVES, build_primitive, derive_seed
+
+
+@dataclass(frozen=True)
+class NLPOptions:
+    """The configuration of every NLP block of a network.
+
+    Attributes:
+        primitives: primitive names of the blocks that replace k x k convolutions (k > 1).
+        pointwise_primitives: primitive names of the blocks that replace 1x1 convolutions
+            (only pointwise primitives keep a 1x1 convolution's receptive field).
+        groups: groups of the 1x1 mix; ``None`` uses ``gcd(C_in, C_shared)``, an integer ``g``
+            uses ``gcd(g, C_in, C_shared)`` (the largest valid value not above ``g``).
+        sparsity: fraction of non-zero weights of the local binary convolution.
+        noise_level: half-width of the uniform perturbation noise.
+    """
+
+    primitives: tuple[str, ...] = DEFAULT_PRIMITIVES
+    pointwise_primitives: tuple[str, ...] = ("identity",)
+    groups: int | None = None
+    sparsity: float = 0.5
+    noise_level: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.primitives or not self.pointwise_primitives:
+            raise ValueError("an NLP block needs at least one primitive")
+        spatial = sorted(set(self.pointwise_primitives) - POINTWISE_PRIMITIVES)
+        if spatial:
+            raise ValueError(f"pointwise_primitives {spatial} are not pointwise; choose from {sorted(POINTWISE_PRIMITIVES)}")
+        if self.groups is not None and self.groups < 1:
+            raise ValueError(f"groups must be >= 1 or None, got {self.groups}")
+
+
+def mix_groups(in_channels: int, out_channels: int, groups: int | None) -> int:
+    """Groups of the 1x1 mix from ``C_in`` inputs (k responses each) to ``out_channels`` (see :class:`NLPOptions`)."""
+    limit = math.gcd(in_channels, out_channels)
+    return limit if groups is None else math.gcd(groups, limit)
+
+
+class NLPBlock(nn.Module):
+    """``C_in -> C_out``: k frozen primitives, channel shuffle, learnable group-wise 1x1 mix.
+
+    ``z = shuffle(cat([p_1(x), ..., p_k(x)]))`` puts the k responses of input channel ``c``
+    at channels ``c k .. c k + k - 1``; ``y = W z`` with a 1x1 convolution of ``g`` groups, so
+    group ``i`` mixes the responses of input channels ``i C_in / g .. (i + 1) C_in / g - 1``
+    into output channels ``i C_out / g .. (i + 1) C_out / g - 1``. The mix is the block's only
+    learnable weight.
+
+    Args:
+        in_channels: ``C_in``.
+        out_channels: ``C_out``.
+        primitives: primitive names (k of them).
+        stride: output stride of every primitive.
+        groups: groups of the mix (see :func:`mix_groups`).
+        sparsity: local binary sparsity.
+        noise_level: perturbation half-width.
+        bias: give the mix a bias.
+        seed: seed of the primitives (each draws from ``derive_seed(seed, position, name)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        primitives: Sequence[str] = DEFAULT_PRIMITIVES,
+        stride: int = 1,
+        groups: int | None = None,
+        sparsity: float = 0.5,
+        noise_level: float = 0.1,
+        bias: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.primitives = nn.ModuleList(
+            build_primitive(name, in_channels, stride, derive_seed(seed, i, name), sparsity, noise_level)
+            for i, name in enumerate(primitives)
+        )
+        k = len(self.primitives)
+        self.mix = nn.Conv2d(k * in_channels, out_channels, 1, groups=mix_groups(in_channels, out_channels, groups), bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C_in, H, W)`` -> ``(N, C_out, ceil(H / s), ceil(W / s))``."""
+        # stacking on dim 2 is the concatenation followed by the channel shuffle: channel c * k + j is p_j(x)[:, c]
+        responses = torch.stack([p(x) for p in self.primitives], dim=2).flatten(1, 2)
+        return self.mix(responses)

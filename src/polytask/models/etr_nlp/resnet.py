@@ -1,0 +1,179 @@
+"""Routed timm ResNets: the CelebA ResNet-18 (linear head per attribute group) and a dense variant."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from polytask.models.backbones import TimmBackbone, create_timm_model
+from polytask.models.base import register_model
+from polytask.models.etr_nlp.net import RoutedNet
+from polytask.models.etr_nlp.nlp import NLPOptions
+from polytask.models.etr_nlp.routing import Routing, RoutingKind
+from polytask.models.heads import FusionDecoder, make_head
+from polytask.tasks import Task
+
+
+def kaiming_init(conv: nn.Conv2d) -> None:
+    """timm's ResNet initialisation: Kaiming-normal (fan-out, ReLU) weights, zero bias."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class FeatureMap(nn.Module):
+    """A timm classifier's ``forward_features``: ``(B, 3, H, W)`` -> ``(B, C, H / 32, W / 32)``.
+
+    Args:
+        model: a timm model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> the last stage's map."""
+        return self.model.forward_features(images)
+
+
+class BackboneDecoder(nn.Module):
+    """:class:`TimmBackbone` followed by :class:`FusionDecoder` (the trunk of ``HardSharing``).
+
+    Args:
+        backbone: multi-scale backbone.
+        decoder: fusion decoder over the backbone's maps.
+    """
+
+    def __init__(self, backbone: TimmBackbone, decoder: FusionDecoder) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, decoder channels, H_0, W_0)`` at the finest backbone scale."""
+        return self.decoder(self.backbone(images))
+
+
+class RoutedResNet(RoutedNet):
+    """A timm ResNet trunk (CelebA setting: from scratch, batch norm without running statistics), one head per task.
+
+    Image-level tasks get global average pooling + a linear layer (one per attribute group);
+    dense tasks get polytask's :class:`~polytask.models.heads.DenseHead`.
+
+    Args:
+        tasks: the tasks to predict.
+        backbone: timm ResNet name.
+        running_stats: keep batch-norm running statistics (False: batch statistics in evaluation too).
+        head_channels: hidden width of dense heads.
+        backbone_options: other ``timm.create_model`` options (e.g. ``channels``, ``stem_width``).
+        gamma: sharing ratio (ETR kinds only; default 0.9).
+        nlp: NLP options (NLP kinds only).
+        active_ratio: channels kept per task (Task Routing only; default 0.5).
+        seed: seed of the primitives and masks.
+    """
+
+    ROUTING: ClassVar[RoutingKind]
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        backbone: str = "resnet18",
+        running_stats: bool = False,
+        head_channels: int = 64,
+        backbone_options: dict[str, Any] | None = None,
+        gamma: float | None = None,
+        nlp: NLPOptions | None = None,
+        active_ratio: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        model = create_timm_model(
+            backbone, num_classes=0, global_pool="",
+            norm_layer=partial(nn.BatchNorm2d, track_running_stats=running_stats), **(backbone_options or {}),
+        )
+        width = model.num_features
+        heads = {t.name: make_head(t.dense, width, t.out_channels, head_channels) for t in tasks}
+        super().__init__(tasks, Routing(self.ROUTING, gamma, nlp, active_ratio, seed), FeatureMap(model), heads, kaiming_init)
+
+
+@register_model("etr_nlp_resnet18")
+class ETRNLPResNet18(RoutedResNet):
+    """ResNet-18 of ETR-NLP modules (every convolution routed, NLP shared branch)."""
+
+    ROUTING = "etr_nlp"
+
+
+@register_model("etr_resnet18")
+class ETRResNet18(RoutedResNet):
+    """Ablation, ETR without NLP: learnable shared convolutions (gamma) + task-specific convolutions."""
+
+    ROUTING = "etr"
+
+
+@register_model("nlp_resnet18")
+class NLPResNet18(RoutedResNet):
+    """Ablation, NLP without routing: every convolution is a fully shared NLP block (gamma = 1)."""
+
+    ROUTING = "nlp"
+
+
+@register_model("task_routing_resnet18")
+class TaskRoutingResNet18(RoutedResNet):
+    """Task Routing baseline: shared ResNet-18, fixed random per-task channel masks after each batch norm."""
+
+    ROUTING = "task_routing"
+
+
+@register_model("hard_sharing_resnet18")
+class HardSharingResNet18(RoutedResNet):
+    """Hard parameter sharing: one ResNet-18 shared by every task, one head per task."""
+
+    ROUTING = "hard"
+
+
+@register_model("single_task_resnet18")
+class SingleTaskResNet18(RoutedResNet):
+    """Single-task baseline: one independent ResNet-18 per task."""
+
+    ROUTING = "single"
+
+
+@register_model("etr_nlp_timm_resnet")
+class ETRNLPTimmResNet(RoutedNet):
+    """The trunk of ``HardSharing`` (multi-scale timm ResNet + fusion decoder) with every convolution ETR-NLP routed.
+
+    Its plain counterparts are the registered ``hard_sharing`` and ``single_task`` networks
+    with the same options. Trained from scratch (the routed convolutions are new weights).
+
+    Args:
+        tasks: the tasks to predict.
+        backbone: timm ResNet name.
+        out_indices: backbone stages fed to the decoder.
+        decoder_channels: width of the fusion decoder.
+        head_channels: hidden width of each dense head.
+        backbone_options: other ``timm.create_model`` options.
+        gamma: sharing ratio (default 0.9).
+        nlp: NLP options.
+        seed: seed of the primitives.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        backbone: str = "resnet18",
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        decoder_channels: int = 128,
+        head_channels: int = 64,
+        backbone_options: dict[str, Any] | None = None,
+        gamma: float | None = None,
+        nlp: NLPOptions | None = None,
+        seed: int = 0,
+    ) -> None:
+        encoder = TimmBackbone(backbone, out_indices, **(backbone_options or {}))
+        trunk = BackboneDecoder(encoder, FusionDecoder(encoder.out_channels, decoder_channels))
+        heads = {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in tasks}
+        super().__init__(tasks, Routing("etr_nlp", gamma, nlp, None, seed), trunk, heads, kaiming_init)

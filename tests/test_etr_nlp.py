@@ -1,0 +1,265 @@
+"""ETR-NLP: frozen primitives, the routed layers, the forward modes, checkpoints and per-task training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from polytask.cli import instantiate
+from polytask.data.digits import DigitsDataModule
+from polytask.models import create_model
+from polytask.models.etr_nlp import (
+    PRIMITIVES,
+    ETRNLPModule,
+    ETRNLPResNet18,
+    ETRNLPSegNet,
+    NLPBlock,
+    NLPOptions,
+    RoutedConv,
+    RoutedNet,
+    Routing,
+    TaskBatchNorm,
+    TaskRouter,
+)
+from polytask.models.etr_nlp.segnet import max_unpool
+from polytask.tasks import build_task
+from polytask.training.per_task import PerTaskModule
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_PRIMITIVES = NLPOptions(primitives=tuple(PRIMITIVES), pointwise_primitives=("perturbation", "identity"))
+TINY_SEGNET = {"filters": (8, 8, 16, 16, 16)}
+TINY_RESNET = {"backbone_options": {"channels": (8, 8, 16, 16), "stem_width": 8}}
+
+
+def dense_tasks() -> list:
+    return [build_task("semseg", num_classes=3), build_task("depth"), build_task("normals")]
+
+
+def attribute_tasks(n: int = 4) -> list:
+    return [build_task("attributes", name=f"group{i}", attribute_names=["a", "b"]) for i in range(n)]
+
+
+def tiny_segnet(seed: int = 0, **options: object) -> ETRNLPSegNet:
+    torch.manual_seed(0)
+    return ETRNLPSegNet(dense_tasks(), nlp=ALL_PRIMITIVES, seed=seed, **TINY_SEGNET, **options)
+
+
+def primitive_buffers(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b for name, b in net.named_buffers() if ".primitives." in name}
+
+
+def test_primitives_are_buffers_without_gradient_and_survive_an_optimizer_step() -> None:
+    net = tiny_segnet().train()
+    buffers = primitive_buffers(net)
+    kinds = {name.rsplit(".", 1)[-1] for name in buffers}
+    assert kinds == {"weight", "seed"}  # frozen convolutions and the perturbation seeds
+    assert not any(".primitives." in name for name, _ in net.named_parameters())
+    before = {name: b.clone() for name, b in buffers.items()}
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    out = net(torch.randn(2, 3, 32, 32))
+    sum(o.square().mean() for o in out.values()).backward()
+    optimizer.step()
+    for name, b in primitive_buffers(net).items():
+        assert not b.requires_grad and b.grad is None
+        assert torch.equal(b, before[name]), name
+    mix = net.trunk.encoder_block[1][0].shared.mix.weight
+    assert mix.grad is not None and mix.grad.abs().sum() > 0
+
+
+def test_local_binary_and_random_primitives_follow_their_definitions() -> None:
+    block = NLPBlock(6, 6, ("local_binary", "random_conv", "dilated_random_conv"), sparsity=0.5, seed=3)
+    binary, random_conv, dilated = block.primitives
+    assert set(binary.weight.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert (binary.weight != 0).flatten(1).sum(1).eq(5).all()  # floor(0.5 * 9 + 0.5) non-zero per channel
+    assert random_conv.weight.shape == (6, 1, 3, 3) and dilated.dilation == 2
+    again = NLPBlock(6, 6, ("local_binary", "random_conv", "dilated_random_conv"), sparsity=0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(block.buffers(), again.buffers()))
+
+
+def test_perturbation_mask_is_a_fixed_function_of_seed_and_size() -> None:
+    block = NLPBlock(2, 2, ("perturbation",), noise_level=0.1, seed=5)
+    perturb = block.primitives[0]
+    x = torch.zeros(1, 2, 5, 7)
+    first = perturb(x)
+    assert first.abs().max() <= 0.1 and first.abs().max() > 0
+    assert torch.equal(first, NLPBlock(2, 2, ("perturbation",), noise_level=0.1, seed=5).primitives[0](x))
+    assert perturb(torch.zeros(1, 2, 6, 7)).shape == (1, 2, 6, 7)
+
+
+def test_channel_shuffle_puts_the_responses_of_each_input_channel_in_one_group() -> None:
+    block = NLPBlock(4, 4, ("identity", "identity"), groups=4)
+    assert block.mix.weight.shape == (4, 2, 1, 1)
+    x = torch.randn(2, 4, 3, 3)
+    expected = x * block.mix.weight.sum(dim=(1, 2, 3)).view(1, 4, 1, 1)
+    torch.testing.assert_close(block(x), expected)
+    assert NLPBlock(6, 9).mix.groups == 3  # default gcd(C_in, C_shared)
+    assert NLPBlock(6, 9, groups=1).mix.groups == 1
+
+
+@pytest.mark.parametrize(("gamma", "shared"), [(0.0, 0), (0.25, 5), (0.9, 18), (1.0, 20)])
+def test_shared_and_task_channels_follow_gamma(gamma: float, shared: int) -> None:
+    router = TaskRouter(3)
+    conv = RoutedConv(router, 8, 20, gamma=gamma)
+    assert (conv.shared_channels, conv.task_channels) == (shared, 20 - shared)
+    assert (conv.shared is None) == (shared == 0)
+    if shared < 20:
+        assert conv.task_convs is not None and len(conv.task_convs) == 3
+        assert all(c.out_channels == 20 - shared for c in conv.task_convs)
+    with router.route([1]):
+        assert conv(torch.randn(2, 8, 6, 6)).shape == (2, 20, 6, 6)
+
+
+def test_every_routed_convolution_of_a_network_uses_gamma() -> None:
+    net = ETRNLPResNet18(attribute_tasks(), gamma=0.75, **TINY_RESNET)
+    plain = create_model("hard_sharing_resnet18", attribute_tasks(), **TINY_RESNET)
+    convs = [m for m in net.trunk.modules() if isinstance(m, RoutedConv)]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in plain.trunk.modules()) >= 20
+    assert all(c.shared_channels == round(0.75 * c.out_channels) for c in convs)
+
+
+def test_stride_applies_after_the_primitives_and_matches_the_task_branch() -> None:
+    router = TaskRouter(2)
+    module = ETRNLPModule(router, 3, 10, stride=2, nlp=ALL_PRIMITIVES)
+    with router.route([0, 1]):
+        y = module(torch.randn(2 * 2, 3, 9, 12))
+    assert y.shape == (4, 10, 5, 6)
+    assert (y >= 0).all()
+
+
+def test_task_branches_get_gradient_only_from_their_own_task_in_per_task_mode() -> None:
+    net = tiny_segnet().train()
+    net.forward_task(torch.randn(2, 3, 32, 32), "depth").square().mean().backward()
+    own = net.task_index["depth"]
+    routed = [m for m in net.modules() if isinstance(m, RoutedConv)]
+    norms = [m for m in net.modules() if isinstance(m, TaskBatchNorm)]
+    assert routed and norms
+    for conv in routed:
+        assert conv.task_convs is not None
+        for t, task_conv in enumerate(conv.task_convs):
+            assert (task_conv.weight.grad is not None) == (t == own)
+        assert conv.shared is not None and conv.shared.mix.weight.grad is not None
+    assert norms[0].weight is not None
+    assert [w.grad is not None for w in norms[0].weight] == [t == own for t in range(3)]
+    assert all(p.grad is None for name in ("semseg", "normals") for p in net.heads[name].parameters())
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("etr_nlp_segnet", {"nlp": ALL_PRIMITIVES, **TINY_SEGNET}),
+        ("etr_segnet", TINY_SEGNET),
+        ("task_routing_segnet", TINY_SEGNET),
+        ("single_task_segnet", TINY_SEGNET),
+        ("etr_nlp_resnet18", TINY_RESNET),
+        ("etr_nlp_timm_resnet", {"decoder_channels": 8, "head_channels": 4, **TINY_RESNET}),
+    ],
+)
+def test_batched_mode_equals_per_task_mode(name: str, options: dict, train: bool) -> None:
+    tasks = attribute_tasks() if name == "etr_nlp_resnet18" else dense_tasks()
+    torch.manual_seed(0)
+    net = create_model(name, tasks, **options).double().train(train)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    batched = net(images)
+    for task in tasks:
+        torch.testing.assert_close(batched[task.name], net.forward_task(images, task.name), rtol=0, atol=1e-5)
+
+
+def test_batched_mode_updates_each_task_running_statistics_like_per_task_mode() -> None:
+    images = torch.randn(2, 3, 32, 32)
+    batched, per_task = tiny_segnet().train(), tiny_segnet().train()
+    batched(images)
+    for name in per_task.task_names:
+        per_task.forward_task(images, name)
+    for (name, a), b in zip(batched.named_buffers(), per_task.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpoint_restores_outputs_into_a_model_built_with_another_seed() -> None:
+    images = torch.randn(2, 3, 32, 32)
+    source = tiny_segnet(seed=0).eval()
+    expected = source(images)
+    target = tiny_segnet(seed=1).eval()
+    assert not torch.allclose(target(images)["depth"], expected["depth"])  # the primitives depend on the seed
+    target.load_state_dict(source.state_dict())
+    for name, value in target(images).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_routing_rejects_options_its_kind_does_not_use() -> None:
+    with pytest.raises(ValueError, match="gamma"):
+        Routing("hard", gamma=0.9)
+    with pytest.raises(ValueError, match="unknown routing"):
+        Routing("soft")  # type: ignore[arg-type]
+    assert Routing("etr_nlp").gamma == 0.9 and Routing("task_routing").active_ratio == 0.5
+
+
+def test_shared_networks_run_the_trunk_once_and_have_no_task_parameters() -> None:
+    for name in ("hard_sharing_segnet", "nlp_segnet"):
+        net = create_model(name, dense_tasks(), **TINY_SEGNET)
+        assert isinstance(net, RoutedNet) and not net.routing.task_conditioned
+        assert net.param_groups()["task_specific"] == []
+        assert not any(isinstance(m, TaskBatchNorm) for m in net.modules())
+
+
+class CountingAdam(torch.optim.Adam):
+    steps = 0
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        CountingAdam.steps += 1
+        return super().step(closure)
+
+
+def test_per_task_module_steps_the_optimizer_once_per_task_per_batch() -> None:
+    data = DigitsDataModule(num_train=8, num_val=4, scale=1, batch_size=4)
+    module = PerTaskModule(
+        net=lambda tasks: ETRNLPResNet18(tasks, **TINY_RESNET),
+        tasks=data.tasks,
+        default_loss_weights=data.loss_weights,
+        optimizer=lambda params: CountingAdam(params, lr=1e-3),
+        lr_schedule="constant",
+    )
+    calls: list[str] = []
+    forward_task = module.net.forward_task
+    module.net.forward_task = lambda images, name: calls.append(name) or forward_task(images, name)  # type: ignore[method-assign]
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+    )
+    CountingAdam.steps = 0
+    trainer.fit(module, datamodule=data)
+    num_batches, tasks = 2, data.task_names
+    assert CountingAdam.steps == num_batches * len(tasks)
+    assert trainer.global_step == num_batches * len(tasks)
+    assert calls == tasks * num_batches
+
+
+def test_segnet_unpooling_equals_max_unpool2d_and_runs_in_deterministic_mode() -> None:
+    x = torch.randn(2, 3, 7, 10)
+    pooled, indices = torch.nn.functional.max_pool2d(x, 2, 2, return_indices=True)
+    expected = torch.nn.functional.max_unpool2d(pooled, indices, 2, 2, output_size=(7, 10))
+    torch.testing.assert_close(max_unpool(pooled, indices, (7, 10)), expected, rtol=0, atol=0)
+    net = create_model("hard_sharing_segnet", dense_tasks(), **TINY_SEGNET)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        net(torch.randn(2, 3, 32, 32))["depth"].mean().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize(
+    ("configs", "expected"),
+    [
+        (["configs/etr_nlp_digits.yaml"], ("ETRNLPResNet18", 4)),
+        (["configs/etr_nlp_synthscenes.yaml"], ("ETRNLPSegNet", 4)),
+        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_cityscapes_binary.yaml"], ("ETRNLPSegNet", 8)),
+        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"], ("HardSharingSegNet", 2)),
+    ],
+)
+def test_configs_build_the_intended_network(configs: list[str], expected: tuple[str, int]) -> None:
+    cli = instantiate([str(REPO / c) for c in configs], ["--trainer.logger", "false"])
+    assert (type(cli.model.net).__name__, len(cli.model.net.tasks)) == expected
