@@ -14,6 +14,8 @@ from polytask.training.module import MultiTaskModule
 
 DEFAULT_CONFIG = str(resources.files("polytask") / "default.yaml")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# polytask passes the arguments it built (defaults first) while sys.argv holds the user's own
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 class PolytaskCLI(LightningCLI):
@@ -36,7 +38,6 @@ def with_defaults(args: Sequence[str]) -> list[str]:
 
 def lightning_main(args: Sequence[str]) -> PolytaskCLI:
     """Run a Lightning subcommand with polytask's defaults (hard sharing on SynthScenes)."""
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return PolytaskCLI(
         MultiTaskModule,
         MultiTaskDataModule,
@@ -90,10 +91,34 @@ def evaluate_tool(args: Sequence[str]) -> int:
     return evaluate_main(args)
 
 
+def summary_tool(args: Sequence[str]) -> int:
+    """``polytask summary --config CFG``: parameters per component and FLOPs at the training resolution."""
+    from polytask.summary_cli import summary_main
+
+    return summary_main(args)
+
+
+def experts_tool(args: Sequence[str]) -> int:
+    """``polytask experts --config CFG --image IMG``: TaskExpert's dominant-expert maps."""
+    from polytask.diagnostics.expert_usage import expert_usage_main
+
+    return expert_usage_main(args)
+
+
+def bench_tool(args: Sequence[str]) -> int:
+    """``polytask bench --config CFG``: step time, memory, FLOPs and the ratios of one run."""
+    from polytask.bench import bench_main
+
+    return bench_main(args)
+
+
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
+    "bench": bench_tool,
     "data": data_tool,
     "evaluate": evaluate_tool,
+    "experts": experts_tool,
     "export": export_tool,
+    "summary": summary_tool,
 }
 
 
