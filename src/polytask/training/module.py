@@ -142,8 +142,13 @@ class MultiTaskModule(pl.LightningModule):
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
         total = self.weighted_total(task_losses)
-        self.guard.observe_losses(task_losses, total)
         batch_size = batch["image"].shape[0]
+        aux_loss = getattr(self.net, "aux_loss", None)
+        if aux_loss is not None:  # e.g. TaskExpert's optional load-balancing loss (already weighted)
+            aux = aux_loss()
+            total = total + aux
+            self.log("train/loss/aux", aux.detach(), batch_size=batch_size)
+        self.guard.observe_losses(task_losses, total)
         self.log_dict({f"train/loss/{n}": v.detach() for n, v in task_losses.items()}, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         return total

@@ -1,0 +1,199 @@
+"""``polytask bench``: a smoke run on every config in configs/, and the pieces it is made of."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fixtures_data import write_celeba, write_folder
+
+from polytask.bench import (
+    BareNet,
+    Result,
+    Variant,
+    benchmark_configs,
+    bench_main,
+    config_chain,
+    fit_batch,
+    make_bare_net,
+    peak_memory_mb,
+    ratios,
+    synthetic_batch,
+    time_interleaved,
+)
+from polytask.data import SynthScenesDataModule
+from polytask.models import HardSharing
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = benchmark_configs(REPO / "configs")
+FIXTURE_WRITERS = {"CelebADataModule": write_celeba, "FolderDataModule": write_folder}
+"""Datamodules that need their files even to tell their tasks: benchmarked on a fixture tree."""
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory (relative dataset roots of the configs do not exist there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _data_class(chain: list[Path]) -> str | None:
+    """Class name of the datamodule the last config of ``chain`` that names one sets."""
+    names = [(yaml.safe_load(c.read_text()) or {}).get("data", {}).get("class_path") for c in chain]
+    named = [n for n in names if n]
+    return named[-1].rpartition(".")[2] if named else None
+
+
+def test_configs_are_discovered() -> None:
+    names = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
+    assert "taskexpert_synthscenes.yaml" in names
+    assert not any(n.startswith("trainer/") for n in names)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c.relative_to(REPO / "configs")))
+def test_bench_runs_on_every_config(config: Path, workdir: Path) -> None:
+    chain = config_chain(config)
+    # SGD: no optimizer state (Adam's would add 2 x 4 bytes x 332 M parameters = 2.7 GB for the ViT-L configs).
+    overrides = ["--model.optimizer", "torch.optim.SGD"]
+    writer = FIXTURE_WRITERS.get(_data_class(chain) or "")
+    if writer is not None:
+        writer(workdir / "fixture")
+        overrides += ["--data.init_args.root", str(workdir / "fixture")]
+    out = workdir / "bench.json"
+    args = [a for c in chain for a in ("--config", str(c))]
+    # 64x64: stride-32 ResNets keep 2x2 maps, as BatchNorm without running statistics (the ETR-NLP
+    # CelebA nets) needs more than one value per channel in the FLOP count's batch of one image.
+    args += ["--image-size", "64", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--loader-batches", "1"]
+    args += ["--threads", "1", "--no-memory"]  # 1 thread: steadier than 2 on a busy 2-core runner
+    assert bench_main([*args, "--json", str(out), "--", *overrides]) == 0
+
+    report = json.loads(out.read_text())
+    assert report["image_size"] == [64, 64] and report["batch_size"] == 2
+    assert report["summary"]["total_params"] > 0 and report["summary"]["flops"] > 0
+    assert report["loader"] is not None or "loader" in report["skipped"]
+    if report["loader"] is not None:
+        assert report["loader"]["samples_per_s"] > 0
+    (device,) = report["devices"]
+    keys = {r["key"] for r in device["results"]}
+    assert {"model/fp32/eager/train", "model/fp32/eager/infer"} <= keys
+    assert ("bare/fp32/eager/train" in keys) != ("bare" in device["skipped"])
+    assert ("per_task/fp32/eager/infer" in keys) != ("per_task" in device["skipped"])
+    for row in device["results"]:
+        assert row["median_ms"] > 0 and row["samples_per_s"] > 0 and row["peak_mem_mb"] is None, row
+    assert isinstance(device["unused_parameters"], list)
+    assert all(v > 0 for v in device["ratios"].values())
+
+
+def test_bench_reports_both_precisions_and_their_ratios(workdir: Path) -> None:
+    out = workdir / "bench.json"
+    config = REPO / "configs" / "hard_sharing_digits.yaml"
+    args = ["--config", str(config), "--batch-size", "2", "--steps", "2", "--warmup", "1", "--modes", "fp32,bf16", "--threads", "1"]
+    assert bench_main([*args, "--loader-batches", "2", "--json", str(out)]) == 0
+    device = json.loads(out.read_text())["devices"][0]
+    assert all(row["peak_mem_mb"] >= 0 for row in device["results"])
+    assert {"bf16_over_fp32/model/eager/train", "bf16_over_fp32/model/eager/infer"} <= set(device["ratios"])
+    assert {"per_task_over_batched/fp32/eager/infer", "loader_over_train_samples_per_s"} <= set(device["ratios"])
+
+
+def test_bench_without_dataset_files_skips_the_loader_and_times_random_input(workdir: Path) -> None:
+    out = workdir / "bench.json"
+    args = ["--config", str(REPO / "configs" / "data" / "nyud.yaml"), "--image-size", "32", "48", "--batch-size", "1"]
+    assert bench_main([*args, "--steps", "1", "--warmup", "1", "--no-bare", "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["loader"] is None and "NYUD" in report["skipped"]["loader"]
+    assert report["inputs"] == "random" and report["tasks"] == ["semseg", "depth", "normals", "edge"]
+
+
+def test_bench_gives_up_clearly_when_the_tasks_need_the_files(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = workdir / "bench.json"
+    assert bench_main(["--config", str(REPO / "configs" / "data" / "celeba.yaml"), "--json", str(out)]) == 2
+    assert "skipped" in capsys.readouterr().out
+    assert "data.init_args.root" in json.loads(out.read_text())["skipped"]["bench"]
+
+
+@pytest.mark.slow
+def test_bench_compiles(workdir: Path) -> None:
+    out = workdir / "bench.json"
+    config = REPO / "configs" / "hard_sharing_digits.yaml"
+    args = ["--config", str(config), "--batch-size", "2", "--steps", "1", "--warmup", "2", "--compile", "--no-bare", "--threads", "1"]
+    assert bench_main([*args, "--json", str(out)]) == 0
+    device = json.loads(out.read_text())["devices"][0]
+    assert "compiled_over_eager/model/fp32/train" in device["ratios"], device["skipped"]
+
+
+def test_layered_configs_are_benchmarked_on_their_base() -> None:
+    layered = [c for c in CONFIGS if len(config_chain(c)) > 1]
+    for config in layered:
+        assert config_chain(config)[-1] == config.resolve()
+
+
+def test_bare_net_is_the_backbone_with_conv1x1_heads() -> None:
+    tasks = SynthScenesDataModule(tasks=["semseg", "depth"]).tasks
+    net = HardSharing(tasks, backbone="resnet18")
+    bare, reason = make_bare_net(net, tasks, (32, 48))
+    assert reason is None and isinstance(bare, BareNet)
+    assert bare.backbone is net.backbone
+    out = bare(torch.zeros(2, 3, 32, 48))
+    assert out["semseg"].shape == (2, 6, 32, 48) and out["depth"].shape == (2, 1, 32, 48)
+    assert sum(p.numel() for p in bare.heads.parameters()) == 512 * 7 + 7
+
+
+def test_bare_net_is_skipped_with_a_reason_without_a_backbone() -> None:
+    tasks = SynthScenesDataModule(tasks=["depth"]).tasks
+    bare, reason = make_bare_net(torch.nn.Conv2d(3, 1, 1), tasks, (8, 8))
+    assert bare is None and "no `backbone`" in str(reason)
+
+
+def test_fit_batch_resizes_images_bilinearly_and_labels_by_nearest_neighbour() -> None:
+    tasks = SynthScenesDataModule(tasks=["semseg", "normals"]).tasks
+    batch = synthetic_batch(tasks, 3, (8, 12), torch.device("cpu"))
+    batch["semseg"][:, :2] = 255
+    fitted = fit_batch(batch, 5, (4, 6))
+    assert fitted["image"].shape == (5, 3, 4, 6) and fitted["normals"].shape == (5, 3, 4, 6)
+    assert fitted["semseg"].shape == (5, 4, 6) and fitted["semseg"].dtype == torch.int64
+    assert set(fitted["semseg"].unique().tolist()) <= set(batch["semseg"].unique().tolist())
+    torch.testing.assert_close(fitted["semseg"][3], fitted["semseg"][0])
+
+
+def test_ratios_are_those_of_medians() -> None:
+    def result(net: str, precision: str, times: list[float]) -> Result:
+        return Result(net, precision, False, "train", times, batch_size=4)
+
+    results = [result("model", "fp32", [3.0, 1.0, 2.0]), result("bare", "fp32", [1.0]), result("model", "bf16", [1.0, 1.0])]
+    assert ratios(results) == {"model_over_bare/fp32/eager/train": 2.0, "bf16_over_fp32/model/eager/train": 0.5}
+    assert results[0].samples_per_s == 2.0
+
+
+def test_interleaved_timing_reports_variants_that_fail() -> None:
+    calls: list[str] = []
+
+    def failing() -> None:
+        raise RuntimeError("no compiler")
+
+    ok = Variant("model", "fp32", False, "infer", lambda: None, lambda: calls.append("ok"))
+    bad = Variant("model", "fp32", True, "infer", lambda: None, failing)
+    times, failed = time_interleaved([ok, bad], warmup=1, repeats=3, device=torch.device("cpu"))
+    assert len(times[ok.key]) == 3 and calls == ["ok"] * 4
+    assert failed == {bad.key: "RuntimeError: no compiler"}
+
+
+def test_peak_memory_on_cpu_sees_a_temporary_allocation() -> None:
+    def run() -> None:
+        x = torch.ones(10 * 2**20 // 4)  # 10 MiB
+        (x * 2).sum()
+
+    assert 19.0 <= peak_memory_mb(run, torch.device("cpu")) < 40.0
+
+
+def test_interleaved_timing_without_warmup_drops_a_variant_that_fails() -> None:
+    def failing() -> None:
+        raise RuntimeError("boom")
+
+    ok = Variant("model", "fp32", False, "train", lambda: None, lambda: None)
+    bad = Variant("bare", "fp32", False, "train", lambda: None, failing)
+    times, failed = time_interleaved([ok, bad], warmup=0, repeats=2, device=torch.device("cpu"))
+    assert list(times) == [ok.key] and len(times[ok.key]) == 2 and failed == {bad.key: "RuntimeError: boom"}
