@@ -150,7 +150,7 @@ class FilelessDataModule(MultiTaskDataModule):
 
 def _config_cli(config_paths: Sequence[str], overrides: Sequence[str]) -> Any:
     """Parse configs as :func:`polytask.cli.instantiate` does (same CLI options), without instantiating anything."""
-    from polytask.cli import DEFAULT_CONFIG, PolytaskCLI
+    from polytask.cli import PolytaskCLI, config_cli
 
     class ParseOnly(PolytaskCLI):
         """Stops after parsing, so the config can be adjusted before the classes are built."""
@@ -158,18 +158,9 @@ def _config_cli(config_paths: Sequence[str], overrides: Sequence[str]) -> Any:
         def instantiate_classes(self) -> None:
             return None
 
-    args = [a for path in (DEFAULT_CONFIG, *config_paths) for a in ("--config", str(path))] + list(overrides)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return ParseOnly(
-            MultiTaskModule,
-            MultiTaskDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            run=False,
-            save_config_callback=None,
-        )
+        return config_cli(ParseOnly, config_paths, overrides)
 
 
 def _as_size(value: object) -> tuple[int, int] | None:

@@ -48,6 +48,31 @@ def lightning_main(args: Sequence[str]) -> PolytaskCLI:
     )
 
 
+def config_cli(
+    cli_class: type[PolytaskCLI], config_paths: Sequence[str] = (), overrides: Sequence[str] = ()
+) -> PolytaskCLI:
+    """Parse configs over polytask's defaults with ``cli_class``, running no subcommand.
+
+    Args:
+        cli_class: :class:`PolytaskCLI`, or a subclass (e.g. one that stops after parsing).
+        config_paths: YAML configs applied in order over the defaults.
+        overrides: further ``--key value`` arguments, as on the command line.
+
+    Returns:
+        The ``cli_class`` object, its ``.config`` parsed (and whatever ``cli_class`` instantiates).
+    """
+    args = [a for path in (DEFAULT_CONFIG, *config_paths) for a in ("--config", str(path))] + list(overrides)
+    return cli_class(
+        MultiTaskModule,
+        MultiTaskDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+        save_config_callback=None,
+    )
+
+
 def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> PolytaskCLI:
     """Build the datamodule, module and trainer of a config without running anything.
 
@@ -58,16 +83,7 @@ def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ())
     Returns:
         The CLI object: ``.datamodule``, ``.model`` (a :class:`MultiTaskModule`) and ``.trainer``.
     """
-    args = [a for path in (DEFAULT_CONFIG, *config_paths) for a in ("--config", path)] + list(overrides)
-    return PolytaskCLI(
-        MultiTaskModule,
-        MultiTaskDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=False,
-        save_config_callback=None,
-    )
+    return config_cli(PolytaskCLI, config_paths, overrides)
 
 
 def data_tool(args: Sequence[str]) -> int:

@@ -11,7 +11,7 @@ Append it to a run from the command line::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +82,28 @@ def resize_back(task: Task, value: torch.Tensor, size: tuple[int, int]) -> torch
     if isinstance(task, NormalsTask):
         return F.normalize(out, dim=0)
     return out if value.dim() == 3 else out[0]
+
+
+def _batch_end_hook(stage: Stage) -> Callable[..., None]:
+    """The Lightning ``on_<stage>_batch_end`` hook of :class:`PredictionWriter`.
+
+    It saves the step output ``{task: (B, ...) prediction, "meta": ...}`` of every batch of a
+    ``stage`` run that the writer is active in.
+    """
+
+    def on_batch_end(
+        self: PredictionWriter,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._active(trainer, stage):
+            self.write_batch(trainer, outputs)
+
+    return on_batch_end
 
 
 class PredictionWriter(pl.Callback):
@@ -181,41 +203,9 @@ class PredictionWriter(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.written = 0
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "test"):
-            self.write_batch(trainer, outputs)
-
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "predict"):
-            self.write_batch(trainer, outputs)
-
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._active(trainer, "validate"):
-            self.write_batch(trainer, outputs)
+    on_test_batch_end = _batch_end_hook("test")
+    on_predict_batch_end = _batch_end_hook("predict")
+    on_validation_batch_end = _batch_end_hook("validate")
 
     def _report(self, trainer: pl.Trainer, stage: Stage) -> None:
         """Say where the predictions went (no collective call: other callbacks may hold rank 0)."""
