@@ -358,3 +358,26 @@ def test_summary_and_experts_commands_on_the_synthscenes_config(tmp_path: Path) 
     figure = tmp_path / "experts.png"
     assert expert_usage_main(["--config", SYNTH_CONFIG, "--index", "1", "--out", str(figure), *data]) == 0
     assert figure.stat().st_size > 0
+
+
+
+class _Attention(torch.nn.Module):
+    """Pixels as tokens (L = H W), projected to width 64 (one head) and attending to themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 64, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(images.flatten(2).transpose(1, 2)).unsqueeze(1)
+        return F.scaled_dot_product_attention(tokens, tokens, tokens)
+
+
+def test_count_flops_includes_attention_matmuls() -> None:
+    from polytask.summary import count_flops
+
+    length, dim = 4 * 5, 64
+    projection = 2 * length * 3 * dim
+    # Q K^T and A V: (L x d) @ (d x L) and (L x L) @ (L x d), 2 L L d FLOPs each
+    attention = 2 * (2 * length * length * dim)
+    assert count_flops(_Attention(), (4, 5)) == projection + attention

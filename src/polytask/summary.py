@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -44,13 +45,17 @@ class ModelSummary:
 
 
 def count_flops(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) -> int:
-    """Forward FLOPs of ``net`` on a zero batch ``(batch_size, 3, H, W)`` (per batch)."""
+    """Forward FLOPs of ``net`` on a zero batch ``(batch_size, 3, H, W)`` (per batch).
+
+    Attention runs through PyTorch's math backend here: the fused CPU attention kernel is
+    invisible to the FLOP counter, so its matmuls would otherwise be missed.
+    """
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     images = torch.zeros(batch_size, 3, *image_size, device=device)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(images)
     net.train(was_training)
     return int(counter.get_total_flops())

@@ -7,7 +7,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from polytask.summary import ModelSummary, summarize
 
@@ -62,8 +61,7 @@ def summary_main(args: Sequence[str]) -> int:
     size = tuple(options.image_size) if options.image_size else training_resolution(net, cli.datamodule)
     if size is None:
         parser.error("the config does not say its training resolution; give --image-size H W")
-    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel is invisible to the FLOP counter
-        summary = summarize(net, size)
+    summary = summarize(net, size)
     name = f"{type(net).__name__} ({', '.join(options.config)})"
     print(format_summary(summary, name))
     if options.json:
