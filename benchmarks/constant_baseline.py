@@ -29,15 +29,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from polytask.cli import DEFAULT_CONFIG
 from polytask.data import SynthScenesDataModule
-from polytask.tasks import IGNORE_INDEX, Task
-
-DEFAULTS = Path(__file__).resolve().parents[1] / "src" / "polytask" / "default.yaml"
+from polytask.tasks import IGNORE_INDEX, DepthTask, NormalsTask, SegmentationTask, Task
 
 
 def default_datamodule() -> SynthScenesDataModule:
     """The data module of ``polytask fit``'s defaults."""
-    config = yaml.safe_load(DEFAULTS.read_text())["data"]
+    config = yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["data"]
     return SynthScenesDataModule(**config.get("init_args", {}))
 
 
@@ -53,27 +52,26 @@ class ConstantFit:
         """Add one batch of targets (shapes as in docs/architecture.md)."""
         for task in self.tasks:
             target = batch[task.name]
-            if task.name in ("semseg", "human_parts"):
+            if isinstance(task, SegmentationTask):
                 valid = target != IGNORE_INDEX
                 total = torch.bincount(target[valid].flatten(), minlength=task.out_channels).double()
-                count = valid.sum().double()
-            elif task.name == "normals":
+            elif isinstance(task, NormalsTask):
                 valid = (target != IGNORE_INDEX).all(dim=1, keepdim=True) & (target.norm(dim=1, keepdim=True) > 0)
                 total = (target * valid).sum(dim=(0, 2, 3)).double()
-                count = valid.sum().double()
             else:
-                valid = (target != IGNORE_INDEX) & (target > 0 if task.name == "depth" else torch.ones_like(target, dtype=torch.bool))
+                valid = target != IGNORE_INDEX
+                if isinstance(task, DepthTask):
+                    valid &= target > 0
                 total = target[valid].double().sum()
-                count = valid.sum().double()
             self.sums[task.name] = self.sums.get(task.name, 0) + total
-            self.counts[task.name] = self.counts.get(task.name, 0) + count
+            self.counts[task.name] = self.counts.get(task.name, 0) + valid.sum().double()
 
     def prediction(self, task: Task, target: torch.Tensor) -> torch.Tensor:
         """The constant prediction of ``task`` in the shape its metric expects for ``target``."""
         mean = self.sums[task.name] / self.counts[task.name]
-        if task.name in ("semseg", "human_parts"):
+        if isinstance(task, SegmentationTask):
             return torch.full_like(target, int(mean.argmax()))
-        if task.name == "normals":
+        if isinstance(task, NormalsTask):
             unit = (mean / mean.norm()).float().view(1, 3, 1, 1)
             return unit.expand_as(target).contiguous()
         return torch.full(target.shape, float(mean), dtype=torch.float32)

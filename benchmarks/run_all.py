@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +240,22 @@ def _profile_lines(report: Mapping[str, Any], keys: Sequence[str], count: int = 
     return lines
 
 
+def _measured(runs: Mapping[str, Run], lines: list[str]) -> Iterator[tuple[str, Run]]:
+    """The runs that produced a report; a line naming the failure of each other run goes to ``lines``."""
+    for name, run in runs.items():
+        if run.report is None:
+            lines.append(f"- `{name}`: {run.error}")
+        else:
+            yield name, run
+
+
+def _verdict(value: float, target: float, at_most: bool) -> str:
+    """`` (target <= 1.15: met)`` or `` (target >= 2: missed by 12%)``; ``at_most``: lower is better."""
+    met = value <= target if at_most else value >= target
+    shortfall = value / target - 1 if at_most else 1 - value / target
+    return f" (target {'<=' if at_most else '>='} {target:g}: " + ("met)" if met else f"missed by {shortfall:.0%})")
+
+
 def targets(nyud_root: Path, threads: int) -> list[Target]:
     """The target checks of the issue, with the bench arguments that measure them."""
     common = ["--threads", str(threads), "--device", "cpu"]
@@ -252,17 +268,14 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
 
     def judge_vit(runs: Mapping[str, Run]) -> list[str]:
         lines = []
-        for name, run in runs.items():
-            if run.report is None:
-                lines.append(f"- `{name}`: {run.error}")
-                continue
+        for name, run in _measured(runs, lines):
             ratios = run.report["devices"][0]["ratios"]
             for key in sorted(k for k in ratios if k.startswith(("model_over_bare", "compiled_over_eager"))):
                 verdict = ""
                 if key.startswith("model_over_bare") and key.endswith("/train"):
-                    verdict = " (target <= 1.15: " + ("met)" if ratios[key] <= 1.15 else f"missed by {ratios[key] / 1.15 - 1:.0%})")
+                    verdict = _verdict(ratios[key], 1.15, at_most=True)
                 lines.append(f"- `{name}` {key}: **{ratios[key]:.3f}**{verdict}")
-                if verdict.startswith(" (target") and "missed" in verdict:
+                if "missed" in verdict:
                     variant = key.split("/", 1)[1]
                     lines += _profile_lines(run.report, [f"model/{variant}", f"bare/{variant}"])
         return lines
@@ -272,10 +285,7 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
 
     def judge_etr(runs: Mapping[str, Run]) -> list[str]:
         lines = []
-        for name, run in runs.items():
-            if run.report is None:
-                lines.append(f"- `{name}`: {run.error}")
-                continue
+        for name, run in _measured(runs, lines):
             ratios = run.report["devices"][0]["ratios"]
             t = len(run.report["tasks"])
             size = "x".join(map(str, run.report["image_size"]))
@@ -285,7 +295,7 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
                     continue
                 verdict = ""
                 if phase == "infer":
-                    verdict = " (target >= 2: " + ("met)" if value >= 2.0 else f"missed by {1 - value / 2:.0%})")
+                    verdict = _verdict(value, 2.0, at_most=False)
                 lines.append(
                     f"- `{name}` (T={t}, {size}, batch {run.report['batch_size']}, {run.report['threads']} thread(s)) "
                     f"per-task / batched {phase}: **{value:.2f}**{verdict}"
@@ -296,10 +306,7 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
 
     def judge_loader(runs: Mapping[str, Run]) -> list[str]:
         lines = []
-        for name, run in runs.items():
-            if run.report is None:
-                lines.append(f"- `{name}`: {run.error}")
-                continue
+        for name, run in _measured(runs, lines):
             loader = run.report["loader"]
             if loader is None:
                 lines.append(f"- `{name}`: loader skipped: {run.report['skipped'].get('loader')}")
@@ -307,11 +314,10 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
             ratio = run.report["devices"][0]["ratios"].get("loader_over_train_samples_per_s", 0.0)
             train = _result(run.report, "model/fp32/eager/train")
             size = "x".join(map(str, run.report["image_size"]))
-            verdict = "met" if ratio >= 2.0 else f"missed by {1 - ratio / 2:.0%}"
             lines.append(
                 f"- `{name}` ({size}, batch {loader['batch_size']}, {loader['num_workers']} workers): loader "
                 f"{loader['samples_per_s']:.0f} samples/s, training step {train['samples_per_s']:.1f} samples/s: "
-                f"**{ratio:.1f}x** (target >= 2: {verdict})"
+                f"**{ratio:.1f}x**{_verdict(ratio, 2.0, at_most=False)}"
             )
         return lines
 
