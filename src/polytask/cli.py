@@ -128,12 +128,20 @@ def bench_tool(args: Sequence[str]) -> int:
     return bench_main(args)
 
 
+def study_tool(args: Sequence[str]) -> int:
+    """``polytask study run STUDY.yaml`` / ``polytask study report DIR``: paired multi-seed comparisons."""
+    from polytask.study.cli import study_main
+
+    return study_main(args)
+
+
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": bench_tool,
     "data": data_tool,
     "evaluate": evaluate_tool,
     "experts": experts_tool,
     "export": export_tool,
+    "study": study_tool,
     "summary": summary_tool,
 }
 
