@@ -54,13 +54,22 @@ VARIANTS = [
     {"memory_write": "accumulate"},
     {"memory_write": "ema", "memory_momentum": 0.3},
     {"memory_read": False},
+    {"memory_read": False, "memory_write": "accumulate"},
+    {"memory_read": False, "memory_write": "ema", "memory_momentum": 0.3},
+    {"gating": "static", "memory_read": False},
     {"head": "deconv", "channels_last": False},
     {"head_scale": 1},
     {"mmoe_blocks": [2, 4], "final_norm_on_last": False},
 ]
 
 
-@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+
+def variant_id(options: dict) -> str:
+    """Test id of a switch combination: ``key=value`` pairs, or ``default``."""
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=variant_id)
 def test_every_task_gets_its_output_shape(options: dict) -> None:
     net = tiny(**options).train()
     out = net(images())
@@ -72,8 +81,9 @@ def test_every_task_gets_its_output_shape(options: dict) -> None:
     assert all(torch.isfinite(o).all() for o in out.values())
 
 
-@pytest.mark.parametrize("options", VARIANTS[:6], ids=["default", "mlp2", "conv", "tokens", "tokens+memory", "image"])
+@pytest.mark.parametrize("options", VARIANTS, ids=variant_id)
 def test_gradients_reach_every_expert_gate_memory_path_and_head(options: dict) -> None:
+    """Every variant, the no-memory ones included: each MMoE layer's features must reach the heads."""
     net = tiny(**options).train()
     random_loss(net(images())).backward()
     no_grad = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -168,6 +178,27 @@ def test_mmoe_layer_equals_a_per_task_per_expert_loop(gate_input: str) -> None:
         for n in range(4):
             fused = fused + weights[..., n : n + 1] * experts[:, :, n]
         torch.testing.assert_close(new_memory[:, :, t], fused, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_memory_slot_the_memory_is_carried_with_weight_one() -> None:
+    torch.manual_seed(0)
+    layer = MMoELayer(24, 16, num_tasks=2, num_experts=3, reads_memory=False).eval()
+    tokens, memory = torch.randn(2, 6, 24), torch.randn(2, 6, 2, 16)
+    first, gates = layer(tokens, None, (2, 3))  # no memory yet: the gated experts alone
+    assert gates.shape == (2, 6, 2, 3)
+    torch.testing.assert_close(first, gates @ layer.experts(tokens, (2, 3)))
+    torch.testing.assert_close(layer(tokens, memory, (2, 3))[0], first + memory)
+
+
+def test_no_memory_ablation_decodes_from_every_mmoe_layer() -> None:
+    """Changing the first layer's experts changes the outputs of the no-memory ablation."""
+    net = tiny(memory_read=False).eval()
+    x = images()
+    before = net(x)
+    with torch.no_grad():
+        net.mmoe[0].experts.norm_bias.add_(1.0)
+    after = net(x)
+    assert all(not torch.allclose(before[k], after[k]) for k in before)
 
 
 def test_memory_write_rules() -> None:

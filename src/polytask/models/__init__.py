@@ -4,7 +4,7 @@ from polytask.models.backbones import PretrainedWeightsError, TimmBackbone, crea
 from polytask.models.base import MODEL_REGISTRY, MultiTaskNet, create_model, register_model
 from polytask.models.baselines import HardSharing, SingleTask
 from polytask.models.heads import DenseHead, FusionDecoder, ImageHead, make_head
-from polytask.models.taskexpert import TaskExpert
+from polytask.models.taskexpert import StaticTaskExpert, TaskExpert
 from polytask.models import etr_nlp  # registers the ETR-NLP networks and baselines
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "MultiTaskNet",
     "PretrainedWeightsError",
     "SingleTask",
+    "StaticTaskExpert",
     "TaskExpert",
     "TimmBackbone",
     "create_model",

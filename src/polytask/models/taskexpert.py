@@ -7,10 +7,15 @@ layer (``N``, plus one when it reads the memory). At every MMoE layer
 * experts ``E_n(X^l)`` ``(B, L, D)`` for ``n = 1..N``, computed as one matmul over stacked weights;
 * per-task gates ``G_t = softmax(logits_t / tau)`` ``(B, L, S)`` (or one per image);
 * the task feature ``F_t = sum_n G_t,n E_n + G_t,N+1 M_t`` (the memory ``M_t`` is the extra expert);
+  without the memory slot (the "no memory" ablation) the memory enters with the fixed weight 1,
+  ``F_t = sum_n G_t,n E_n + M_t``, so that every layer's features still reach the heads;
 * the memory write ``M_t <- F_t`` (or ``M_t + F_t``, or an EMA).
 
 Light heads predict every task from the final memory. The backbone is only read: nothing the
-MMoE layers compute goes back into the ViT.
+MMoE layers compute goes back into the ViT. ``gating: static`` (:class:`StaticTaskExpert`, the
+static-decoding control) replaces every gate by the fixed weights ``1/N``: ``F = mean_n E_n + M``,
+the same for every task. :func:`untrainable_reasons` refuses, before anything is built, every
+switch combination in which some parameter could never receive a gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ GateInput = Literal["tokens", "tokens+context", "tokens+memory"]
 GateGranularity = Literal["token", "image"]
 MemoryWrite = Literal["replace", "accumulate", "ema"]
 MemoryInit = Literal["none", "zeros"]
+Gating = Literal["dynamic", "static"]
 HeadKind = Literal["bilinear", "deconv"]
 
 _INIT_STD = 0.02
@@ -169,6 +175,11 @@ class TaskGates(nn.Module):
 class MMoELayer(nn.Module):
     """One Memorial Mixture-of-Experts layer: experts, per-task gates, memory read and write.
 
+    The task feature is ``F_t = sum_n G_t,n E_n + G_t,N+1 M_t`` when the layer reads the memory
+    (the memory is the ``N+1``-th gate slot), else ``F_t = sum_n G_t,n E_n + M_t`` (the memory
+    carried with the fixed weight 1; no memory term when there is none yet). With static gating
+    ``G_t,n = 1/N`` for every task and token and there are no gate parameters.
+
     Args:
         in_channels: backbone token channels ``C``.
         width: ``D``.
@@ -180,6 +191,8 @@ class MMoELayer(nn.Module):
         memory_write: ``replace`` (``M <- F``), ``accumulate`` (``M <- M + F``) or ``ema``
             (``M <- m M + (1 - m) F``); with no memory yet, ``M <- F``.
         memory_momentum: ``m`` of the EMA write.
+        gating: ``dynamic`` (:class:`TaskGates`) or ``static`` (fixed weights ``1/N``, no gate
+            parameters; needs ``reads_memory`` false).
         gate_options: options of :class:`TaskGates` (input, granularity, temperature, noise).
     """
 
@@ -194,34 +207,50 @@ class MMoELayer(nn.Module):
         expert: ExpertKind = "mlp",
         memory_write: MemoryWrite = "replace",
         memory_momentum: float = 0.5,
+        gating: Gating = "dynamic",
         **gate_options: object,
     ) -> None:
         super().__init__()
         if memory_write not in ("replace", "accumulate", "ema"):
             raise ValueError(f"unknown memory_write {memory_write!r}; choose replace, accumulate or ema")
+        if gating not in ("dynamic", "static"):
+            raise ValueError(f"unknown gating {gating!r}; choose dynamic or static")
+        if gating == "static" and reads_memory:
+            raise ValueError("static gating has no gate slot to read the memory through")
+        self.num_tasks = num_tasks
         self.num_experts = num_experts
         self.reads_memory = reads_memory
         self.memory_write = memory_write
         self.memory_momentum = memory_momentum
         self.experts = ExpertBank(in_channels, width, num_experts, expert)
-        self.gates = TaskGates(
-            in_channels, width, num_tasks, num_experts + int(reads_memory),
-            with_memory_input=reads_memory and not zero_memory,
-            **gate_options,  # type: ignore[arg-type]
+        self.gates = (
+            TaskGates(
+                in_channels, width, num_tasks, num_experts + int(reads_memory),
+                with_memory_input=reads_memory and not zero_memory,
+                **gate_options,  # type: ignore[arg-type]
+            )
+            if gating == "dynamic" else None
         )
 
     def forward(
         self, tokens: torch.Tensor, memory: torch.Tensor | None, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``(B, L, C)``, memory ``(B, L, T, D)`` or None -> (new memory ``(B, L, T, D)``,
-        gate weights ``(B, L or 1, T, S)``)."""
+        gate weights ``(B, L or 1, T, S)``; with static gating the constant ``1/N``, ``(B, 1, T, N)``)."""
         experts = self.experts(tokens, grid)
-        gates = self.gates(tokens, memory if self.reads_memory else None)
-        fused = torch.matmul(gates[..., : self.num_experts], experts)
+        if self.gates is None:
+            b, n = tokens.shape[0], self.num_experts
+            gates = experts.new_full((b, 1, self.num_tasks, n), 1.0 / n)
+            fused = experts.mean(dim=2, keepdim=True).expand(-1, -1, self.num_tasks, -1)
+        else:
+            gates = self.gates(tokens, memory if self.reads_memory else None)
+            fused = torch.matmul(gates[..., : self.num_experts], experts)
         if self.reads_memory:
             if memory is None:
                 raise ValueError("this MMoE layer reads the memory but got none")
             fused = fused + gates[..., self.num_experts :] * memory
+        elif memory is not None:
+            fused = fused + memory
         if memory is None or self.memory_write == "replace":
             return fused, gates
         if self.memory_write == "accumulate":
@@ -271,6 +300,67 @@ class TaskHead(nn.Module):
         return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def untrainable_reasons(
+    mmoe_blocks: Sequence[int],
+    num_experts: int,
+    gating: Gating,
+    memory_read: bool,
+    memory_write: MemoryWrite,
+    memory_momentum: float,
+    memory_init: MemoryInit,
+) -> list[str]:
+    """Why some parameter of a TaskExpert with these switches could never receive a gradient.
+
+    Decided from the switches alone (no forward pass). Two things can cut a parameter off:
+
+    * a gate with a single slot: the softmax over one logit is the constant 1, so the gate's
+      projections get a zero gradient (dynamic gating with ``N = 1`` and no memory slot at a layer);
+    * an EMA write with momentum 1: ``M <- M``, so a layer that receives a memory never writes its
+      features and its experts and gates are cut off from the heads.
+
+    Every other combination reaches every parameter: the memory is read through a gate slot with a
+    strictly positive weight or carried with the fixed weight 1, so each layer's features reach the
+    final memory (the test enumerates the switches and checks both directions).
+
+    Args:
+        mmoe_blocks: 1-based block numbers of the MMoE layers.
+        num_experts: ``N``.
+        gating: ``dynamic`` or ``static``.
+        memory_read: the memory is a gate slot.
+        memory_write: ``replace``, ``accumulate`` or ``ema``.
+        memory_momentum: ``m`` of the EMA write.
+        memory_init: ``none`` or ``zeros``.
+
+    Returns:
+        One message per problem, naming the switches (empty when every parameter can learn).
+    """
+    reasons = []
+    if gating == "dynamic" and num_experts == 1:
+        one_slot = [
+            block for i, block in enumerate(mmoe_blocks)
+            if not (memory_read and (i > 0 or memory_init == "zeros"))
+        ]
+        if one_slot:
+            cause, fixes = (
+                ("memory_init: none", "num_experts >= 2, gating: static or memory_init: zeros") if memory_read
+                else ("memory_read: false", "num_experts >= 2, gating: static, or memory_read: true with "
+                      "memory_init: zeros")
+            )
+            reasons.append(
+                f"num_experts: 1 with {cause} gives the gate of the MMoE layer(s) after block(s) {one_slot} a "
+                f"single slot: a softmax over one logit is the constant 1, so those gates never receive a "
+                f"gradient; use {fixes}"
+            )
+    receives_memory = [block for i, block in enumerate(mmoe_blocks) if i > 0 or memory_init == "zeros"]
+    if memory_write == "ema" and memory_momentum == 1.0 and receives_memory:
+        reasons.append(
+            f"memory_write: ema with memory_momentum: 1.0 keeps the memory unchanged (M <- M), so the MMoE "
+            f"layer(s) after block(s) {receives_memory} never reach the heads and receive no gradient; "
+            f"use memory_momentum < 1"
+        )
+    return reasons
+
+
 def default_mmoe_blocks(depth: int, count: int = 4) -> list[int]:
     """``count`` evenly spaced 1-based block numbers ending at ``depth`` (24 -> 6, 12, 18, 24)."""
     if depth % count:
@@ -299,15 +389,24 @@ class TaskExpert(MultiTaskNet):
         gate_temperature: softmax temperature.
         gate_noise: standard deviation of Gaussian noise on the gate logits during training.
         memory_read: the memory is an extra expert in every gate; False is the "no memory" ablation
-            (no memory slot; the heads still read the last written task features).
+            (no memory slot: the memory is added to the gated experts with the fixed weight 1, so every
+            layer's task features still reach the heads).
         memory_write: ``replace``, ``accumulate`` or ``ema``.
-        memory_momentum: weight of the old memory in the ``ema`` write.
+        memory_momentum: weight ``m`` of the old memory in the ``ema`` write, in ``[0, 1]`` (1 is refused
+            where a layer receives a memory: it would never write).
         memory_init: ``none`` (no memory slot at the first MMoE layer) or ``zeros``.
         head: dense head kind, ``bilinear`` or ``deconv`` (image-level tasks use :class:`ImageHead`).
         head_channels: hidden channels of the dense heads (default ``width``).
         head_scale: upsampling of the ``bilinear`` head before its 3x3 conv (4: at 1/4 of the input size).
         channels_last: run the dense heads in channels-last memory format.
         balance_weight: coefficient of the load-balancing loss returned by :meth:`aux_loss` (0 disables it).
+        gating: ``dynamic`` (per-task context-aware gates, the method) or ``static`` (the static-decoding
+            control: every expert weighted ``1/N`` for every task, no gate parameters; needs
+            ``memory_read: false`` and ``balance_weight: 0``; the ``gate_*`` options are then unused).
+
+    Raises:
+        ValueError: for an unknown or inconsistent option, and for every switch combination in which
+            some parameter could never receive a gradient (:func:`untrainable_reasons`).
     """
 
     def __init__(
@@ -335,12 +434,20 @@ class TaskExpert(MultiTaskNet):
         head_scale: int = 4,
         channels_last: bool = True,
         balance_weight: float = 0.0,
+        gating: Gating = "dynamic",
     ) -> None:
         super().__init__(tasks)
         if memory_init not in ("none", "zeros"):
             raise ValueError(f"unknown memory_init {memory_init!r}; choose none or zeros")
         if gate_input == "tokens+memory" and not memory_read:
             raise ValueError("gate_input 'tokens+memory' needs memory_read: true")
+        if gating == "static" and memory_read:
+            raise ValueError("gating: static has no gate slot to read the memory through; set memory_read: false "
+                             "(the memory is then carried with the fixed weight 1)")
+        if gating == "static" and balance_weight > 0:
+            raise ValueError("gating: static has no gates to balance; set balance_weight: 0")
+        if memory_write == "ema" and not 0.0 <= memory_momentum <= 1.0:
+            raise ValueError(f"memory_momentum must be in [0, 1], got {memory_momentum}")
         options = dict(backbone_options or {})
         if "img_size" in options:
             options["img_size"] = tuple(options["img_size"])
@@ -353,6 +460,10 @@ class TaskExpert(MultiTaskNet):
             raise ValueError(f"mmoe_blocks must be strictly increasing, got {self.mmoe_blocks}")
         if self.mmoe_blocks[0] < 1 or self.mmoe_blocks[-1] > depth:
             raise ValueError(f"mmoe_blocks {self.mmoe_blocks} outside 1..{depth} (1-based block numbers)")
+        reasons = untrainable_reasons(self.mmoe_blocks, num_experts, gating, memory_read, memory_write,
+                                      memory_momentum, memory_init)
+        if reasons:
+            raise ValueError("TaskExpert refuses to build: " + "; ".join(reasons))
         self.take_indices = [k - 1 for k in self.mmoe_blocks]
         vit.prune_intermediate_layers(self.take_indices, prune_norm=not final_norm_on_last, prune_head=True)
         self.backbone = vit
@@ -367,7 +478,7 @@ class TaskExpert(MultiTaskNet):
                 channels, width, num_tasks, num_experts,
                 reads_memory=memory_read and (i > 0 or memory_init == "zeros"),
                 zero_memory=i == 0 and memory_init == "zeros",
-                expert=expert, memory_write=memory_write, memory_momentum=memory_momentum,
+                expert=expert, memory_write=memory_write, memory_momentum=memory_momentum, gating=gating,
                 gate_input=gate_input, granularity=gate_granularity, temperature=gate_temperature, noise=gate_noise,
             )
             for i in range(len(self.mmoe_blocks))
@@ -450,6 +561,46 @@ class TaskExpert(MultiTaskNet):
         if self.balance_weight > 0 and self._balance_loss is not None:
             return self._balance_loss
         return torch.zeros((), device=next(self.parameters()).device)
+
+
+@register_model("taskexpert_static")
+class StaticTaskExpert(TaskExpert):
+    """The static-decoding control of TaskExpert: the same network with every gate fixed.
+
+    Same backbone, MMoE blocks, ``N`` experts per layer, memory write and heads (same width and
+    resolution) as :class:`TaskExpert`; the only difference is the assembling: at every layer
+    ``F = mean_n E_n + M`` (``M`` the previous memory, absent at the first layer), the same feature
+    for every task, instead of the per-task, sample-dependent gated sum. Averaging the ``N``
+    experts keeps the expert capacity and cost of TaskExpert (one expert of width ``D`` would have
+    ``1/N`` of it); ``num_experts: 1`` gives the one-expert control. Options as in :class:`TaskExpert`.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        backbone: str = "vit_base_patch16_384.augreg_in21k_ft_in1k",
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        backbone_options: dict | None = None,
+        mmoe_blocks: Sequence[int] | None = None,
+        final_norm_on_last: bool = True,
+        num_experts: int = 8,
+        expert: ExpertKind = "mlp",
+        width: int = 256,
+        memory_write: MemoryWrite = "replace",
+        memory_momentum: float = 0.5,
+        head: HeadKind = "bilinear",
+        head_channels: int | None = None,
+        head_scale: int = 4,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__(
+            tasks, backbone=backbone, pretrained=pretrained, pretrained_file=pretrained_file,
+            backbone_options=backbone_options, mmoe_blocks=mmoe_blocks, final_norm_on_last=final_norm_on_last,
+            num_experts=num_experts, expert=expert, width=width, memory_read=False, memory_write=memory_write,
+            memory_momentum=memory_momentum, head=head, head_channels=head_channels, head_scale=head_scale,
+            channels_last=channels_last, gating="static",
+        )
 
 
 def balance_loss(gates: Sequence[torch.Tensor], num_experts: int) -> torch.Tensor:
