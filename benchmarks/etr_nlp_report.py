@@ -34,6 +34,7 @@ from polytask.summary import count_flops
 from polytask.tasks import Task, build_task
 
 METHODS: tuple[str, ...] = ("etr_nlp", "hard_sharing", "single_task")
+TASK_BRANCH_CONV = "configs/etr_nlp_ablation_task_branch_conv.yaml"
 
 
 def celeba_tasks() -> list[Task]:
@@ -73,38 +74,43 @@ class Setting:
 
 def paper_setting(
     name: str, base: str, skeleton: str, tasks: Callable[[], list[Task]], size: tuple[int, int],
-    extra: Sequence[str] = (), timed: bool = False,
+    extra: Sequence[str] = (), timed: bool = False, task_routing: str = "",
 ) -> Setting:
-    """A paper setting: its ETR-NLP config(s), and the same with the baseline overlays."""
-    configs = {"etr_nlp": [base, *extra]}
-    for method in METHODS[1:]:
-        configs[method] = [base, *extra, f"configs/etr_nlp_baseline_{method}_{skeleton}.yaml"]
+    """A paper setting: its ETR-NLP config(s) (both task branches), and the same with the baseline overlays."""
+    configs = {"etr_nlp": [base, *extra], "etr_nlp (conv task branch)": [base, *extra, TASK_BRANCH_CONV]}
+    for method in ("etr", "nlp", "task_routing", *METHODS[1:]):
+        overlay = f"configs/etr_nlp_baseline_{method}_{skeleton}{task_routing if method == 'task_routing' else ''}.yaml"
+        configs[method] = [base, *extra, overlay]
     return Setting(name, tasks, size, configs, timed)
 
 
 def quick_setting(name: str, configs: dict[str, str]) -> Setting:
-    """A quick setting: one full config per method (timed)."""
+    """A quick setting: one full config per method (timed), and ETR-NLP with the conv task branch."""
     first = configs["etr_nlp"]
-    return Setting(name, lambda: config_tasks(first), config_image_size(first), {m: [c] for m, c in configs.items()}, True)
+    layered = {m: [c] for m, c in configs.items()}
+    layered = {"etr_nlp": [first], "etr_nlp (conv task branch)": [first, TASK_BRANCH_CONV], **layered}
+    return Setting(name, lambda: config_tasks(first), config_image_size(first), layered, True)
 
 
 SETTINGS: tuple[Setting, ...] = (
     paper_setting("CelebA ResNet-18 (8 groups)", "configs/etr_nlp_celeba.yaml", "resnet18", celeba_tasks, (64, 78), timed=True),
     paper_setting(
         "NYUv2 SegNet multiclass", "configs/etr_nlp_nyuv2.yaml", "segnet",
-        lambda: mtan_tasks(NYUV2_CLASSES, "multiclass", True), (288, 384),
+        lambda: mtan_tasks(NYUV2_CLASSES, "multiclass", True), (288, 384), task_routing="_nyuv2",
     ),
     paper_setting(
         "NYUv2 SegNet binary", "configs/etr_nlp_nyuv2.yaml", "segnet",
         lambda: mtan_tasks(NYUV2_CLASSES, "binary", True), (288, 384), ["configs/etr_nlp_nyuv2_binary.yaml"],
+        task_routing="_nyuv2",
     ),
     paper_setting(
         "Cityscapes SegNet multiclass", "configs/etr_nlp_cityscapes.yaml", "segnet",
-        lambda: mtan_tasks(CITYSCAPES_7_CLASSES, "multiclass", False), (128, 256),
+        lambda: mtan_tasks(CITYSCAPES_7_CLASSES, "multiclass", False), (128, 256), task_routing="_cityscapes",
     ),
     paper_setting(
         "Cityscapes SegNet binary", "configs/etr_nlp_cityscapes.yaml", "segnet",
         lambda: mtan_tasks(CITYSCAPES_7_CLASSES, "binary", False), (128, 256), ["configs/etr_nlp_cityscapes_binary.yaml"],
+        task_routing="_cityscapes",
     ),
     quick_setting("digits (quick)", {m: f"configs/{m}_digits.yaml" for m in METHODS}),
     quick_setting(
@@ -159,27 +165,33 @@ class TaskPath(nn.Module):
 
 @dataclass
 class Counts:
-    """Learnable parameters and FLOPs (one image) of one network."""
+    """Learnable parameters, frozen weights and FLOPs (one image) of one network."""
 
     params: int
+    frozen: int
     task_flops: float
     all_flops: float
 
 
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def count(net: MultiTaskNet, image_size: tuple[int, int]) -> Counts:
-    """Parameters, mean per-task-path FLOPs and all-task FLOPs, counted on the meta device."""
+    """Parameters, frozen buffer elements (primitive weights, masks; not batch-norm statistics),
+    mean per-task-path FLOPs and all-task FLOPs, counted on the meta device."""
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    frozen = sum(b.numel() for name, b in net.named_buffers() if not name.endswith(BN_STATISTICS))
     meta = net.to("meta")
     task_flops = statistics.fmean(count_flops(TaskPath(meta, name), image_size) for name in net.task_names)
-    return Counts(params, task_flops, count_flops(meta, image_size))
+    return Counts(params, frozen, task_flops, count_flops(meta, image_size))
 
 
 def counts_table() -> list[str]:
     """Markdown table of parameters and FLOPs of every setting and method."""
     lines = [
-        "| setting | T | image | method | learnable params | vs hard sharing | GFLOPs one task | vs hard sharing "
+        "| setting | T | image | method | learnable params | vs hard sharing | frozen | GFLOPs one task | vs hard sharing "
         "| GFLOPs all tasks | vs hard sharing |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in SETTINGS:
         tasks = setting.tasks()
@@ -188,7 +200,8 @@ def counts_table() -> list[str]:
         for method, c in counts.items():
             lines.append(
                 f"| {setting.name} | {len(tasks)} | {setting.image_size[0]}x{setting.image_size[1]} | {method} "
-                f"| {c.params:,} | {c.params / hs.params:.2f}x | {c.task_flops / 1e9:.4g} | {c.task_flops / hs.task_flops:.2f}x "
+                f"| {c.params:,} | {c.params / hs.params:.2f}x | {c.frozen:,} | {c.task_flops / 1e9:.4g} "
+                f"| {c.task_flops / hs.task_flops:.2f}x "
                 f"| {c.all_flops / 1e9:.4g} | {c.all_flops / hs.all_flops:.2f}x |"
             )
     return lines

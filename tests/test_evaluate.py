@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_nyud, write_pascal_context
+from fixtures_data import write_mtan_nyuv2, write_nyud, write_pascal_context
 from PIL import Image
 
 from polytask.cli import instantiate
 from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.mtan import NYUv2MTANDataModule
 from polytask.data.nyud import NYUDDataModule
 from polytask.data.pascal_context import PascalContextDataModule
 from polytask.data.io import mat_array
@@ -152,7 +153,8 @@ def test_evaluate_command_legacy_sigmoid_is_stated_and_matches_in_memory(
     printed = capsys.readouterr().out
     assert "legacy_sigmoid=on" in printed and "maxF=" in printed
     payload = json.loads(out.read_text())
-    assert payload["settings"] == {"tasks": ["sal", "semseg"], "saliency_legacy_sigmoid": True}
+    assert payload["settings"] == {"tasks": ["sal", "semseg"], "protocol": "split_level", "saliency_legacy_sigmoid": True}
+    assert "protocol=split_level" in printed
     legacy = _quantised_in_memory(pascal_run, legacy_sigmoid=True)
     assert payload["results"]["sal"]["maxF"] == pytest.approx(legacy["sal"]["maxF"], rel=1e-12)
     assert evaluate_main([*args, "--tasks", "sal"]) == 0
@@ -313,3 +315,62 @@ def test_predict_dir_images_are_written_at_their_own_size(
         assert np.asarray(Image.open(tmp_path / "PRED" / "semseg" / f"{name}.png")).shape == shape
         decoded = read_prediction(tmp_path / "PRED", normals, name, shape)
         assert decoded.norm(dim=0).sub(1).abs().max() < 0.02  # resized back and renormalised
+
+
+def test_maximum_roaming_protocol_scores_batches_of_consecutive_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    """MTAN NYUv2 files under protocol maximum_roaming: batches of 2 consecutive ids (3 images: 2 + 1)."""
+    write_mtan_nyuv2(tmp_path / "nyuv2", n_val=3)
+    module = NYUv2MTANDataModule(tmp_path / "nyuv2")
+    dataset = module.build_split("val", module.tasks)
+    g = torch.Generator().manual_seed(5)
+    samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in module.tasks}
+    for index, sample_id in enumerate(dataset.ids):
+        for task in module.tasks:
+            target = dataset.validated_target(index, task.name)
+            if task.name == "semseg":
+                pred = torch.randint(0, 13, target.shape, generator=g)
+            elif task.name == "depth":
+                pred = (target + torch.randn(target.shape, generator=g)).clamp(min=0)
+            else:
+                pred = torch.nn.functional.normalize(target + 0.5 * torch.randn(target.shape, generator=g), dim=0)
+            write_prediction(tmp_path / "PRED", task, sample_id, pred)
+            samples[task.name].append((quantize_prediction(task, pred), target))
+
+    def in_memory(batch_size: int) -> dict[str, dict[str, float]]:
+        results = {}
+        for task in module.tasks:
+            metric = task.make_metric("maximum_roaming")
+            pairs = samples[task.name]
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                metric.update(torch.stack([p for p, _ in chunk]), torch.stack([t for _, t in chunk]))
+            results[task.name] = {k: float(v) for k, v in metric.compute().items()}
+        return results
+
+    args = ["--dataset", "nyuv2_mtan", "--root", str(tmp_path / "nyuv2"), "--pred-dir", str(tmp_path / "PRED")]
+    out = tmp_path / "mr.json"
+    assert evaluate_main([*args, "--protocol", "maximum_roaming", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "protocol=maximum_roaming" in printed and "2 consecutive ids" in printed
+    payload = json.loads(out.read_text())
+    assert payload["settings"] == {"tasks": ["semseg", "depth", "normals"], "protocol": "maximum_roaming", "batch_size": 2}
+    expected = in_memory(2)
+    for task in ("semseg", "depth", "normals"):
+        assert payload["results"][task] == pytest.approx(expected[task], rel=1e-9, abs=1e-9), task
+        assert payload["results"][task]["batch_size"] == 2
+    # per-batch averages change with the batch size; the split-level numbers are another thing again
+    report = evaluate_predictions(
+        "nyuv2_mtan", tmp_path / "nyuv2", tmp_path / "PRED", protocol="maximum_roaming", batch_size=3
+    )
+    assert report.results["depth"] == pytest.approx(in_memory(3)["depth"], rel=1e-9)
+    assert report.results["depth"]["abs_err"] != pytest.approx(expected["depth"]["abs_err"], rel=1e-6)
+    split_level = evaluate_predictions("nyuv2_mtan", tmp_path / "nyuv2", tmp_path / "PRED")
+    assert split_level.settings["protocol"] == "split_level" and "batch_size" not in split_level.results["depth"]
+
+    assert evaluate_main([*args, "--batch-size", "4"]) == 2
+    assert "applies to --protocol maximum_roaming only" in capsys.readouterr().err
+    pascal = ["--dataset", "pascal_context", "--root", str(tmp_path / "nyuv2"), "--pred-dir", str(tmp_path / "PRED")]
+    assert evaluate_main([*pascal, "--protocol", "maximum_roaming"]) == 2
+    assert "protocol maximum_roaming is defined for" in capsys.readouterr().err

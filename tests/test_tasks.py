@@ -11,6 +11,7 @@ def test_registry_builds_every_kind_with_its_channels() -> None:
     channels = {
         "semseg": build_task("semseg", num_classes=21).out_channels,
         "human_parts": build_task("human_parts", num_classes=7).out_channels,
+        "binary_seg": build_task("binary_seg", name="seg_bed").out_channels,
         "sal": build_task("sal").out_channels,
         "normals": build_task("normals").out_channels,
         "edge": build_task("edge").out_channels,
@@ -19,7 +20,7 @@ def test_registry_builds_every_kind_with_its_channels() -> None:
         "classification": build_task("classification", name="digit", num_classes=10).out_channels,
     }
     assert channels == {
-        "semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1, "depth": 1, "attributes": 5, "classification": 10,
+        "semseg": 21, "human_parts": 7, "binary_seg": 1, "sal": 2, "normals": 3, "edge": 1, "depth": 1, "attributes": 5, "classification": 10,
     }
     assert set(TASK_REGISTRY) == set(channels)
 

@@ -8,6 +8,8 @@ number of valid pixels.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +108,31 @@ def multilabel_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target: ``(B, K)`` labels in {0, 1}.
     """
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def binary_segmentation_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    unlabelled: Literal["negative", "ignore"] = "negative",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-pixel binary cross-entropy on one sigmoid logit (Maximum Roaming's binary segmentation loss).
+
+    ``unlabelled="negative"`` (Maximum Roaming: its one-hot labels are 0 on pixels without a
+    class) counts ``ignore_index`` pixels as negatives and averages over every pixel;
+    ``"ignore"`` averages over the labelled pixels only.
+
+    Args:
+        logits: ``(B, 1, H, W)`` logits of the positive class.
+        target: ``(B, H, W)`` labels in {0, 1}; ``ignore_index`` marks unlabelled pixels.
+        unlabelled: ``"negative"`` or ``"ignore"``.
+    """
+    if unlabelled not in ("negative", "ignore"):
+        raise ValueError(f"unlabelled must be 'negative' or 'ignore', got {unlabelled!r}")
+    x = logits.float()[:, 0]
+    if unlabelled == "negative":
+        return F.binary_cross_entropy_with_logits(x, (target == 1).float())
+    valid = target != ignore_index
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(x[valid], target[valid].float())

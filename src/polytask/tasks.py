@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,9 +23,15 @@ from polytask.metrics import (
     BoundaryFMetric,
     ClassificationAccuracy,
     DepthMetric,
+    MaximumRoamingAttributeMetric,
+    MaximumRoamingDepthMetric,
+    MaximumRoamingNormalsMetric,
+    MaximumRoamingSegmentationMetric,
+    MetricProtocol,
     NormalsMetric,
     SaliencyMetric,
     SegmentationMetric,
+    check_protocol,
 )
 from polytask.viz import colorize_depth, colorize_labels, colorize_normals, colorize_probability
 
@@ -58,8 +64,17 @@ class Task(ABC):
         """Turn the raw output into the prediction the metric consumes."""
 
     @abstractmethod
-    def make_metric(self) -> Metric:
-        """A fresh metric accumulating this task over a split."""
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        """A fresh metric accumulating this task over a split under ``protocol``.
+
+        Raises:
+            ValueError: the protocol is unknown or defines no metric for this task.
+        """
+
+    def _split_level_only(self, protocol: str) -> None:
+        """Raise ValueError unless ``protocol`` is ``split_level`` (a task Maximum Roaming does not score)."""
+        if check_protocol(protocol) != "split_level":
+            raise ValueError(f"task {self.name!r} ({type(self).__name__}) has no metric under protocol {protocol!r}")
 
     @abstractmethod
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -70,15 +85,29 @@ class Task(ABC):
 
 
 class SegmentationTask(Task):
-    """Per-pixel classification (semantic segmentation, human parts)."""
+    """Per-pixel classification (semantic segmentation, human parts).
+
+    Args:
+        name: task name.
+        num_classes: ``C``.
+        class_names: one name per class (default: the class ids).
+        positive_class: for a one-vs-rest task (Maximum Roaming's binary split), the class it
+            detects; the ``maximum_roaming`` protocol then scores that class only. The split-level
+            metric scores every class either way.
+    """
 
     higher_is_better = {"mIoU": True}
 
-    def __init__(self, name: str, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, name: str, num_classes: int, class_names: Sequence[str] | None = None, positive_class: int | None = None
+    ) -> None:
         super().__init__(name, num_classes)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"task {name!r}: {len(class_names)} class names given for {num_classes} classes")
+        if positive_class is not None and not 0 <= positive_class < num_classes:
+            raise ValueError(f"task {name!r}: positive_class {positive_class} outside 0..{num_classes - 1}")
         self.num_classes = num_classes
+        self.positive_class = positive_class
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,11 +118,45 @@ class SegmentationTask(Task):
         """Argmax labels ``(B, H, W)`` int64."""
         return output.argmax(dim=1)
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        if check_protocol(protocol) == "maximum_roaming":
+            return MaximumRoamingSegmentationMetric(self.num_classes, positive_class=self.positive_class)
         return SegmentationMetric(self.num_classes)
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
         return colorize_labels(value.cpu().numpy(), self.num_classes)
+
+
+class BinarySegmentationTask(SegmentationTask):
+    """One-class-vs-rest segmentation trained as Maximum Roaming trains it: one sigmoid logit, per-pixel BCE.
+
+    The raw output has one channel (the logit of the class); predictions are labels in {0, 1}
+    (logit >= 0, i.e. probability >= 0.5, Maximum Roaming's threshold) scored like a 2-class
+    segmentation whose positive class is 1. Targets are ``(B, H, W)`` in {0, 1, 255}.
+
+    Args:
+        name: task name.
+        class_names: ``[negative, positive]`` names.
+        unlabelled: ``"negative"`` (Maximum Roaming: unlabelled pixels are negatives of every
+            class in the loss) or ``"ignore"``; see :func:`polytask.losses.binary_segmentation_bce`.
+    """
+
+    def __init__(
+        self, name: str, class_names: Sequence[str] | None = None, unlabelled: Literal["negative", "ignore"] = "negative"
+    ) -> None:
+        super().__init__(name, 2, class_names, positive_class=1)
+        if unlabelled not in ("negative", "ignore"):
+            raise ValueError(f"task {name!r}: unlabelled must be 'negative' or 'ignore', got {unlabelled!r}")
+        self.out_channels = 1
+        self.unlabelled = unlabelled
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE on the sigmoid: output ``(B, 1, H, W)``, target ``(B, H, W)``."""
+        return losses.binary_segmentation_bce(output, target, self.unlabelled)
+
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Labels ``(B, H, W)`` int64: 1 where the logit is >= 0."""
+        return (output[:, 0] >= 0).long()
 
 
 class SaliencyTask(Task):
@@ -113,7 +176,8 @@ class SaliencyTask(Task):
         """Probability of the salient class ``(B, H, W)``."""
         return output.float().softmax(dim=1)[:, 1]
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        self._split_level_only(protocol)
         return SaliencyMetric(legacy_sigmoid=self.legacy_sigmoid)
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -136,7 +200,9 @@ class NormalsTask(Task):
         """Unit normals ``(B, 3, H, W)``."""
         return F.normalize(output.float(), p=2, dim=1)
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        if check_protocol(protocol) == "maximum_roaming":
+            return MaximumRoamingNormalsMetric()
         return NormalsMetric()
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -160,7 +226,8 @@ class EdgeTask(Task):
         """Boundary probability ``(B, 1, H, W)``."""
         return output.float().sigmoid()
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        self._split_level_only(protocol)
         return BoundaryFMetric()
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -183,7 +250,9 @@ class DepthTask(Task):
         """Depth ``(B, 1, H, W)`` in float32, clamped at 0 as the InvPT post-processing does."""
         return output.float().clamp(min=0.0)
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        if check_protocol(protocol) == "maximum_roaming":
+            return MaximumRoamingDepthMetric()
         return DepthMetric()
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -208,7 +277,9 @@ class AttributeTask(Task):
         """Attribute probabilities ``(B, K)``."""
         return output.float().sigmoid()
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        if check_protocol(protocol) == "maximum_roaming":
+            return MaximumRoamingAttributeMetric(self.out_channels)
         return AttributeMetric(self.out_channels)
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -239,7 +310,8 @@ class ImageClassificationTask(Task):
         """Predicted class ids ``(B,)`` int64."""
         return output.argmax(dim=1)
 
-    def make_metric(self) -> Metric:
+    def make_metric(self, protocol: MetricProtocol = "split_level") -> Metric:
+        self._split_level_only(protocol)
         return ClassificationAccuracy()
 
     def colorize(self, value: torch.Tensor) -> np.ndarray:
@@ -252,6 +324,7 @@ class ImageClassificationTask(Task):
 TASK_REGISTRY: dict[str, Callable[..., Task]] = {
     "semseg": lambda **kw: SegmentationTask(name=kw.pop("name", "semseg"), **kw),
     "human_parts": lambda **kw: SegmentationTask(name=kw.pop("name", "human_parts"), **kw),
+    "binary_seg": BinarySegmentationTask,
     "sal": SaliencyTask,
     "normals": NormalsTask,
     "edge": EdgeTask,
@@ -265,8 +338,8 @@ def build_task(kind: str, **options: object) -> Task:
     """Build a task of a registered kind.
 
     Args:
-        kind: one of ``TASK_REGISTRY`` (semseg, human_parts, sal, normals, edge, depth, attributes,
-            classification).
+        kind: one of ``TASK_REGISTRY`` (semseg, human_parts, binary_seg, sal, normals, edge, depth,
+            attributes, classification).
         options: the task's constructor arguments (e.g. ``num_classes``, ``class_names``, ``name``).
     """
     if kind not in TASK_REGISTRY:

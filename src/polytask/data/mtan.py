@@ -15,9 +15,11 @@ Decodings: image scaled to [0, 255] (then ImageNet-normalised by the transform);
 pixels MTAN masks out (components summing to 0) set to 0.
 
 Task splits: ``multiclass`` (``semseg`` + depth [+ normals]) or ``binary`` (Maximum Roaming):
-one 2-class segmentation task ``seg_<class>`` per class (1 on that class, 0 on the other classes,
-255 where the multi-class label is ignored), plus depth [+ normals]. Maximum Roaming itself
-one-hot encodes the labels and so scores ignored pixels as negatives; here they stay ignored.
+one binary segmentation task ``seg_<class>`` per class (target 1 on that class, 0 on the other
+classes, 255 where the multi-class label is ignored), plus depth [+ normals]. The binary tasks
+are :class:`~polytask.tasks.BinarySegmentationTask` (one sigmoid logit, BCE), trained as Maximum
+Roaming trains them: its one-hot labels make unlabelled pixels negatives of every class in the
+loss (the task's ``unlabelled`` option); how they are scored is up to the metric protocol.
 No augmentation (as in MTAN and Maximum Roaming).
 """
 
@@ -61,7 +63,7 @@ def segmentation_tasks(class_names: Sequence[str], task_split: TaskSplit) -> lis
         return [build_task("semseg", num_classes=len(class_names), class_names=class_names)]
     if task_split == "binary":
         return [
-            build_task("semseg", name=binary_task_name(c), num_classes=2, class_names=[f"not {c}", c]) for c in class_names
+            build_task("binary_seg", name=binary_task_name(c), class_names=[f"not {c}", c]) for c in class_names
         ]
     raise ValueError(f"task_split must be 'multiclass' or 'binary', got {task_split!r}")
 

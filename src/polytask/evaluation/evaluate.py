@@ -7,6 +7,10 @@ predictions by :mod:`polytask.evaluation.prediction_io`. Every task is scored by
 :class:`~polytask.evaluation.boundary.BoundaryEvaluator` (odsF / oisF / AP) with the dataset's
 ``MAX_DIST``, on the chosen boundary subset.
 
+``protocol="maximum_roaming"`` scores with the metrics of Maximum Roaming's scripts instead
+(:mod:`polytask.metrics.maximum_roaming`), fed the split in file order in batches of the
+scripts' batch size (:data:`MAXIMUM_ROAMING_BATCH_SIZE`), as their evaluation loops are.
+
 All prediction files are checked (presence, format, size) before anything is scored; every
 problem is listed by file name and the command exits with status 1 without results.
 """
@@ -31,10 +35,16 @@ from polytask.data.check import registry
 from polytask.data.io import DataFileError, FileDataset, mat_array, read_lines
 from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
 from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
+from polytask.metrics import METRIC_PROTOCOLS, MetricProtocol, check_protocol, protocol_setting
 from polytask.tasks import EdgeTask, SaliencyTask, Task
 from polytask.training.report import metric_table, write_json_atomic
 
-DATASETS: tuple[str, ...] = ("pascal_context", "nyud")
+DATASETS: tuple[str, ...] = ("pascal_context", "nyud", "nyuv2_mtan", "cityscapes_mtan")
+
+#: Batch size of the evaluation loops of Maximum Roaming's scripts (their ``--batch_size``
+#: default, shared by training and evaluation): ``nyuv2/train_*.py`` 2, ``cityscapes/train_*.py``
+#: 8. (CelebA's 256 applies in memory only: attribute predictions have no file format.)
+MAXIMUM_ROAMING_BATCH_SIZE: dict[str, int] = {"nyuv2_mtan": 2, "cityscapes_mtan": 8}
 BoundarySubset = Literal["all", "test_new"]
 
 #: SHA-256 of SEISM's ``src/gt_wrappers/gt_sets/PASCALContext/test_new.txt`` (2,498 val ids, sorted,
@@ -241,6 +251,63 @@ def seism_ground_truth(dataset_name: str, dataset: FileDataset, index: int, targ
     return segmentation_boundaries(target[0].numpy())
 
 
+def protocol_batch_size(dataset_name: str, protocol: str, batch_size: int | None) -> int:
+    """The number of consecutive samples each metric update gets.
+
+    Split-level metrics do not depend on it (1). ``maximum_roaming`` averages per batch, so it uses
+    the batch size of Maximum Roaming's scripts for the dataset, or ``batch_size`` when given.
+
+    Raises:
+        EvaluationSetupError: an unknown protocol, ``batch_size`` with the split-level protocol or
+            below 1, or ``maximum_roaming`` on a dataset Maximum Roaming does not evaluate.
+    """
+    try:
+        protocol = check_protocol(protocol)
+    except ValueError as err:
+        raise EvaluationSetupError(str(err)) from err
+    if protocol == "split_level":
+        if batch_size is not None:
+            raise EvaluationSetupError(
+                "--batch-size applies to --protocol maximum_roaming only (split-level metrics do not depend on it)"
+            )
+        return 1
+    if dataset_name not in MAXIMUM_ROAMING_BATCH_SIZE:
+        raise EvaluationSetupError(
+            f"protocol maximum_roaming is defined for {sorted(MAXIMUM_ROAMING_BATCH_SIZE)} (Maximum Roaming's "
+            f"MTAN NYUv2 and Cityscapes), not for {dataset_name!r}"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise EvaluationSetupError(f"--batch-size must be >= 1, got {batch_size}")
+    return batch_size or MAXIMUM_ROAMING_BATCH_SIZE[dataset_name]
+
+
+@dataclass
+class _Batch:
+    """Samples of one task waiting for a metric update: their indices, predictions and targets."""
+
+    indices: list[int] = field(default_factory=list)
+    preds: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+
+
+def _update(metric: Metric, task: Task, dataset: FileDataset, batch: _Batch, problems: MutableSequence[str]) -> None:
+    """Update ``metric`` with the stacked samples of ``batch`` and empty it; a rejected batch is a problem."""
+    if not batch.indices:
+        return
+    if len({tuple(t.shape) for t in batch.targets}) > 1:
+        ids = ", ".join(dataset.ids[i] for i in batch.indices)
+        problems.append(f"task {task.name!r}: samples {ids} of one batch differ in size; per-batch metrics need one size")
+    else:
+        try:
+            metric.update(torch.stack(batch.preds), torch.stack(batch.targets))
+        except ValueError as err:
+            files = ", ".join(str(dataset.target_file(i, task.name)) for i in batch.indices)
+            problems.append(f"ground truth: {files}: task {task.name!r}: {err}")
+    batch.indices.clear()
+    batch.preds.clear()
+    batch.targets.clear()
+
+
 def _score_samples(
     dataset_name: str,
     dataset: FileDataset,
@@ -250,12 +317,14 @@ def _score_samples(
     selection: BoundarySelection,
     problems: MutableSequence[str],
     progress: Progress,
+    batch_size: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Update ``metrics`` sample by sample; yield ``(probability, SEISM gt)`` pairs of the edge task.
+    """Update ``metrics`` with batches of ``batch_size`` consecutive samples; yield edge ``(probability, SEISM gt)`` pairs.
 
     Problems are appended to ``problems``; once there is one, no more boundary pairs are yielded
     (no result will be reported) but every remaining file is still read to list all problems.
     """
+    pending = {task.name: _Batch() for task in tasks}
     bar = progress.add_task("reading and scoring", total=len(dataset))
     for index, sample_id in enumerate(dataset.ids):
         shape = dataset.image_size(index)
@@ -273,14 +342,17 @@ def _score_samples(
             except DataFileError as err:
                 problems.append(f"ground truth: {err}")
                 continue
-            try:
-                metrics[task.name].update(pred[None], target[None])
-            except ValueError as err:
-                problems.append(f"ground truth: {dataset.target_file(index, task.name)}: task {task.name!r}: {err}")
-                continue
+            batch = pending[task.name]
+            batch.indices.append(index)
+            batch.preds.append(pred)
+            batch.targets.append(target)
+            if len(batch.indices) == batch_size:
+                _update(metrics[task.name], task, dataset, batch, problems)
             if gt is not None and not problems:
                 yield pred[0].numpy(), gt
         progress.advance(bar)
+    for task in tasks:
+        _update(metrics[task.name], task, dataset, pending[task.name], problems)
 
 
 def evaluate_predictions(
@@ -294,11 +366,13 @@ def evaluate_predictions(
     legacy_sigmoid: bool = False,
     workers: int = 1,
     console: Console | None = None,
+    protocol: MetricProtocol = "split_level",
+    batch_size: int | None = None,
 ) -> EvaluationReport:
     """Score the prediction files of ``pred_dir`` against a split's ground truth.
 
     Args:
-        dataset_name: ``pascal_context`` or ``nyud``.
+        dataset_name: one of :data:`DATASETS`.
         root: the dataset directory.
         pred_dir: the prediction folder (``<task>/<id>.png|.npy``).
         split: the split whose ids and ground truth are used.
@@ -308,27 +382,43 @@ def evaluate_predictions(
         legacy_sigmoid: saliency maxF with the InvPT-family sigmoid quirk.
         workers: processes of the boundary evaluation.
         console: where the progress bar goes (none without).
+        protocol: ``split_level`` or ``maximum_roaming`` (Maximum Roaming's metrics, MTAN datasets only).
+        batch_size: ``maximum_roaming`` only: consecutive samples per metric update (default: the
+            batch size of Maximum Roaming's scripts, :data:`MAXIMUM_ROAMING_BATCH_SIZE`).
 
     Returns:
         The report; ``results`` is empty and ``problems`` lists every file problem when any.
 
     Raises:
-        EvaluationSetupError: see :func:`load_split` and :func:`boundary_selection`.
+        EvaluationSetupError: see :func:`load_split`, :func:`boundary_selection` and
+            :func:`protocol_batch_size`, or a task the protocol has no metric for.
     """
     root, pred_dir = Path(root).expanduser(), Path(pred_dir).expanduser()
     if workers < 1:
         raise EvaluationSetupError(f"--workers must be >= 1, got {workers}")
     if not pred_dir.is_dir():
         raise EvaluationSetupError(f"prediction folder {pred_dir} does not exist")
+    batch_size = protocol_batch_size(dataset_name, protocol, batch_size)
     dataset, task_list = load_split(dataset_name, root, split, tasks)
     task_list = [SaliencyTask(t.name, legacy_sigmoid=legacy_sigmoid) if isinstance(t, SaliencyTask) else t for t in task_list]
+    try:
+        metrics = {t.name: t.make_metric(protocol) for t in task_list}
+    except ValueError as err:
+        raise EvaluationSetupError(str(err)) from err
     has_edge = any(isinstance(t, EdgeTask) for t in task_list)
     if not has_edge and (boundary_ids is not None or boundary_subset != "all"):
         raise EvaluationSetupError("a boundary subset was given but the edge task is not evaluated")
     ids_file = Path(boundary_ids) if boundary_ids is not None else None
     selection = boundary_selection(dataset_name, split, dataset.ids, boundary_subset, ids_file)
     report = EvaluationReport(dataset_name, split, root, pred_dir, len(dataset))
-    report.settings = {"tasks": [t.name for t in task_list]}
+    report.settings = {"tasks": [t.name for t in task_list], "protocol": protocol}
+    report.notes.append(protocol_setting(protocol))
+    if protocol == "maximum_roaming":
+        report.settings["batch_size"] = batch_size
+        report.notes.append(
+            f"maximum_roaming batches: {batch_size} consecutive ids in file order "
+            f"(Maximum Roaming's {dataset_name} scripts use {MAXIMUM_ROAMING_BATCH_SIZE[dataset_name]})"
+        )
     if any(isinstance(t, SaliencyTask) for t in task_list):
         report.settings["saliency_legacy_sigmoid"] = legacy_sigmoid
         report.notes.append(saliency_setting(legacy_sigmoid))
@@ -350,16 +440,17 @@ def evaluate_predictions(
     report.problems = check_predictions(dataset, task_list, pred_dir)
     if report.problems:
         return report
-    metrics = {t.name: t.make_metric() for t in task_list}
-    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers)
+    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers) if has_edge else None
     with Progress(console=console, transient=True, disable=console is None) as progress:
-        pairs = _score_samples(dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress)
-        counts = evaluator.evaluate_counts(pairs) if has_edge else list(pairs)
+        pairs = _score_samples(
+            dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size
+        )
+        counts = evaluator.evaluate_counts(pairs) if evaluator is not None else list(pairs)
     if report.problems:
         return report
     for task in task_list:
         values = {k: float(v) for k, v in metrics[task.name].compute().items()}
-        if isinstance(task, EdgeTask):
+        if isinstance(task, EdgeTask) and evaluator is not None:
             seism = summarize_images(evaluator.thresholds, counts)
             values = {"odsF": 100.0 * seism.ods_f, "oisF": 100.0 * seism.ois_f, "ap": 100.0 * seism.ap, **values}
         report.results[task.name] = values
@@ -403,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--legacy-sigmoid", action="store_true", help="saliency maxF with the InvPT-family sigmoid quirk (published numbers)"
     )
+    parser.add_argument(
+        "--protocol", choices=METRIC_PROTOCOLS, default="split_level",
+        help="metric definitions: split_level (default) or maximum_roaming (Maximum Roaming's scripts; MTAN datasets)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int,
+        help="maximum_roaming only: images per averaged batch (default: Maximum Roaming's, 2 NYUv2 / 8 Cityscapes)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes for the boundary evaluation")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     return parser
@@ -424,6 +523,8 @@ def evaluate_main(args: Sequence[str]) -> int:
             legacy_sigmoid=parsed.legacy_sigmoid,
             workers=parsed.workers,
             console=console,
+            protocol=parsed.protocol,
+            batch_size=parsed.batch_size,
         )
     except EvaluationSetupError as err:
         print(f"polytask evaluate: error: {err}", file=sys.stderr)

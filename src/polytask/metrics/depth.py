@@ -21,11 +21,13 @@ class DepthMetric(Metric):
 
     - ``rmse = sqrt(sum e^2 / n)`` (InvPT / ATRC);
     - ``log_rmse = sqrt(sum (ln max(pred, 1e-9) - ln target)^2 / n)`` (InvPT / ATRC);
-    - ``abs_rel = sum(|e| / target) / n``;
-    - ``abs_err = sum |e| / n`` (LibMTL / MTAN "abs err").
+    - ``abs_rel = sum(|e| / target) / n`` (LibMTL's "rel err");
+    - ``abs_err = sum |e| / n`` (LibMTL's "abs err").
 
-    LibMTL's / MTAN's "rel err" is the mean of ``|e| / target`` over the valid pixels, i.e.
-    exactly ``abs_rel``, so it is reported once, under ``abs_rel``.
+    LibMTL weights its per-batch errors by the batch's valid pixels, which gives these split-wide
+    means. MTAN's and Maximum Roaming's "abs err" / "rel err" are unweighted means of per-batch
+    values instead, so they differ: ``protocol: maximum_roaming``
+    (:class:`~polytask.metrics.maximum_roaming.MaximumRoamingDepthMetric`) reproduces them.
 
     Args:
         ignore_index: target value of ignored (padding) pixels.

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
-from polytask.metrics import AttributeMetric, delta_m, load_reference
+from polytask.metrics import AttributeMetric, MetricProtocol, check_protocol, delta_m, load_reference, protocol_setting
 from polytask.models.base import MultiTaskNet
 from polytask.tasks import EdgeTask, SaliencyTask, Task
 from polytask.training.checkpoint import (
@@ -54,6 +54,9 @@ class MultiTaskModule(pl.LightningModule):
             skipped: no update) after which training stops with an error naming the tasks.
         legacy_sigmoid: score saliency maxF with the InvPT-family quirk (a sigmoid applied to the
             probabilities); off by default, and every metric table says which was used.
+        metric_protocol: ``split_level`` (default) or ``maximum_roaming``: score validation and
+            test as Maximum Roaming's scripts print them (per-batch averages: their numbers depend
+            on ``data.eval_batch_size``; see docs/evaluation.md). Every metric table says which.
 
     Checkpoints carry, besides Lightning's state, ``checkpoint["polytask"]``: the model config
     (:attr:`config_json`), the global random generators and the non-finite guard's counters.
@@ -74,6 +77,7 @@ class MultiTaskModule(pl.LightningModule):
         single_task_reference: str | None = None,
         max_nonfinite_steps: int = 10,
         legacy_sigmoid: bool = False,
+        metric_protocol: MetricProtocol = "split_level",
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
@@ -92,8 +96,12 @@ class MultiTaskModule(pl.LightningModule):
         self.poly_power = poly_power
         self.warmup_steps = warmup_steps
         self.reference = load_reference(single_task_reference) if single_task_reference else None
+        self.metric_protocol = check_protocol(metric_protocol)
         self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({t.name: t.make_metric() for t in self.tasks}) for stage in ("val", "test")}
+            {
+                stage: nn.ModuleDict({t.name: t.make_metric(self.metric_protocol) for t in self.tasks})
+                for stage in ("val", "test")
+            }
         )
         self.results: dict[str, dict[str, dict[str, float]]] = {}
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -101,7 +109,7 @@ class MultiTaskModule(pl.LightningModule):
 
     def evaluation_settings(self) -> dict[str, str]:
         """Metric settings that change the numbers, for the printed table and the JSON file."""
-        settings: dict[str, str] = {}
+        settings: dict[str, str] = {"metrics": protocol_setting(self.metric_protocol)}
         for task in self.tasks:
             if isinstance(task, SaliencyTask):
                 settings[f"{task.name} maxF"] = f"legacy_sigmoid={'on' if task.legacy_sigmoid else 'off'}"

@@ -5,7 +5,7 @@ Importing this package registers the networks ``etr_nlp_resnet18``, ``etr_nlp_se
 single_task}_{resnet18, segnet}`` in :data:`polytask.models.MODEL_REGISTRY`.
 """
 
-from polytask.models.etr_nlp.layers import ETRNLPModule, RoutedConv, TaskBatchNorm, TaskChannelMask
+from polytask.models.etr_nlp.layers import BlockBatchNorm, ETRNLPModule, RoutedConv, TaskBatchNorm, TaskChannelMask
 from polytask.models.etr_nlp.net import RoutedNet
 from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions
 from polytask.models.etr_nlp.primitives import DEFAULT_PRIMITIVES, PRIMITIVES, build_primitive
@@ -33,6 +33,7 @@ from polytask.models.etr_nlp.segnet import (
 )
 
 __all__ = [
+    "BlockBatchNorm",
     "DEFAULT_PRIMITIVES",
     "ETRNLPModule",
     "ETRNLPResNet18",

@@ -1,4 +1,4 @@
-"""Task-routed layers: the ETR(-NLP) convolution, per-task batch norm, per-task channel masks.
+"""Task-routed layers: the ETR(-NLP) convolution, per-task and shared batch norms, per-task channel masks.
 
 Every layer reads the active tasks from a shared :class:`~polytask.models.etr_nlp.router.TaskRouter`
 and takes inputs in the stacked-batch layout ``(n B, C, H, W)`` (task blocks along the batch).
@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions
+from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions, mix_groups
 from polytask.models.etr_nlp.primitives import derive_seed
 from polytask.models.etr_nlp.router import TaskRouter, blocks_to_channels, channels_to_blocks
 
 SharedBranch = Literal["nlp", "conv"]
+TaskBranch = Literal["nlp", "conv"]
 
 
 def shared_width(out_channels: int, gamma: float) -> int:
@@ -27,18 +28,26 @@ def shared_width(out_channels: int, gamma: float) -> int:
 
 
 class RoutedConv(nn.Module):
-    """Explicit task routing of one convolution ``C_in -> C_out``: ``y = cat([shared(x), conv_t(x)])``.
+    """Explicit task routing of one convolution ``C_in -> C_out``: ``y = cat([shared(x), specific_t(x)])``.
 
     The first ``C_s = round(gamma C_out)`` output channels come from the shared branch, used by
     every task: an :class:`NLPBlock` (``shared_branch="nlp"``, ETR-NLP) or an ordinary
-    learnable convolution (``"conv"``, ETR without NLP). The other ``C_out - C_s`` come from the
-    active task's own learnable convolution. Both branches have the kernel, stride and dilation
-    of the convolution they replace ("same" padding); the NLP applies its primitives, then the
-    stride. In the stacked layout the task convolutions of ``n`` tasks run as one grouped
-    convolution with ``n`` groups.
+    learnable convolution (``"conv"``, ETR without NLP). The other ``C_t = C_out - C_s`` come
+    from the active task's own branch (``task_convs[t]``):
+
+    * ``task_branch="conv"``: a learnable convolution of ``x`` with the kernel, stride and
+      dilation of the replaced convolution;
+    * ``task_branch="nlp"``: a learnable 1x1 convolution of the shared block's frozen primitive
+      responses (``NLPBlock.responses``, ``(N, k C_in, H', W')``), grouped by the rule of the
+      shared mix (:func:`mix_groups` of ``C_in`` and ``C_t``); the primitives run once for the
+      shared branch and every task.
+
+    Both branches use "same" padding; the NLP applies its primitives, then the stride. In the
+    stacked layout the task branches of ``n`` tasks run as one grouped convolution (``n`` times
+    the groups of one task branch).
 
     Args:
-        router: the network's task router (``T = router.num_tasks`` task convolutions).
+        router: the network's task router (``T = router.num_tasks`` task branches).
         in_channels: ``C_in``.
         out_channels: ``C_out``.
         kernel_size: odd kernel size ``k`` of the task (and learnable shared) convolution.
@@ -49,6 +58,14 @@ class RoutedConv(nn.Module):
         shared_branch: ``"nlp"`` or ``"conv"``.
         nlp: NLP options; a 1x1 convolution (``k = 1``) uses ``nlp.pointwise_primitives``.
         seed: seed of the primitives.
+        task_branch: ``"conv"`` or ``"nlp"`` (needs ``shared_branch="nlp"`` and ``C_s > 0``).
+        mix_gamma: the shared mix takes the groups it would have at this sharing ratio,
+            ``mix_groups(C_in, round(mix_gamma C_out), nlp.groups)`` (reduced to a divisor of
+            ``C_s``); ``None`` = ``gamma``. The NLP-only baseline (``gamma = 1``) passes the
+            ETR-NLP arm's ratio so that both mix the primitive responses in the same groups.
+
+    Raises:
+        ValueError: an even kernel, an unknown branch, or ``task_branch="nlp"`` without a shared NLP block.
     """
 
     def __init__(
@@ -64,27 +81,45 @@ class RoutedConv(nn.Module):
         shared_branch: SharedBranch = "nlp",
         nlp: NLPOptions = NLPOptions(),
         seed: int = 0,
+        task_branch: TaskBranch = "conv",
+        mix_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
         if shared_branch not in ("nlp", "conv"):
             raise ValueError(f"shared_branch must be 'nlp' or 'conv', got {shared_branch!r}")
+        if task_branch not in ("nlp", "conv"):
+            raise ValueError(f"task_branch must be 'nlp' or 'conv', got {task_branch!r}")
         self.router = router
         self.out_channels = out_channels
         self.shared_channels = shared_width(out_channels, gamma)
         self.task_channels = out_channels - self.shared_channels
+        self.task_branch = task_branch
+        if task_branch == "nlp" and self.task_channels and (shared_branch != "nlp" or not self.shared_channels):
+            raise ValueError(
+                "task_branch='nlp' reads the shared NLP block's primitive responses: it needs shared_branch='nlp' "
+                f"and at least one shared channel (gamma={gamma}, C_out={out_channels})"
+            )
         padding = dilation * (kernel_size - 1) // 2
         self.shared: nn.Module | None = None
         if self.shared_channels and shared_branch == "nlp":
             primitives = nlp.primitives if kernel_size > 1 else nlp.pointwise_primitives
+            groups = mix_groups(in_channels, shared_width(out_channels, gamma if mix_gamma is None else mix_gamma), nlp.groups)
             self.shared = NLPBlock(
-                in_channels, self.shared_channels, primitives, stride, nlp.groups, nlp.sparsity, nlp.noise_level, bias, seed
+                in_channels, self.shared_channels, primitives, stride, groups, nlp.sparsity, nlp.noise_level, bias, seed
             )
         elif self.shared_channels:
             self.shared = nn.Conv2d(in_channels, self.shared_channels, kernel_size, stride, padding, dilation, bias=bias)
         self.task_convs: nn.ModuleList | None = None
-        if self.task_channels:
+        if self.task_channels and task_branch == "nlp":
+            assert isinstance(self.shared, NLPBlock)
+            k = len(self.shared.primitives)
+            groups = mix_groups(in_channels, self.task_channels, nlp.groups)
+            self.task_convs = nn.ModuleList(
+                nn.Conv2d(k * in_channels, self.task_channels, 1, groups=groups, bias=bias) for _ in range(router.num_tasks)
+            )
+        elif self.task_channels:
             self.task_convs = nn.ModuleList(
                 nn.Conv2d(in_channels, self.task_channels, kernel_size, stride, padding, dilation, bias=bias)
                 for _ in range(router.num_tasks)
@@ -99,8 +134,12 @@ class RoutedConv(nn.Module):
         shared_branch: SharedBranch,
         nlp: NLPOptions,
         seed: int,
+        task_branch: TaskBranch = "conv",
+        mix_gamma: float | None = None,
     ) -> RoutedConv:
         """A routed replacement of ``conv`` (same channels, kernel, stride, dilation, bias; fresh weights).
+
+        ``gamma`` to ``mix_gamma`` are as in :class:`RoutedConv`.
 
         Raises:
             ValueError: ``conv`` is grouped, non-square, not "same"-padded or not zero-padded.
@@ -112,11 +151,15 @@ class RoutedConv(nn.Module):
             raise ValueError(f"cannot route {conv}: only ungrouped, square, zero 'same'-padded convolutions are supported")
         return cls(
             router, conv.in_channels, conv.out_channels, k, stride, dilation, conv.bias is not None,
-            gamma, shared_branch, nlp, seed,
+            gamma, shared_branch, nlp, seed, task_branch, mix_gamma,
         )
 
     def task_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Task branch on stacked blocks: ``(n B, C_in, H, W)`` -> ``(n B, C_out - C_s, H', W')``."""
+        """Task branches on stacked blocks: ``(n B, C, H, W)`` -> ``(n B, C_t, H', W')``.
+
+        ``x`` is the layer input (``C = C_in``, ``task_branch="conv"``) or the shared block's
+        primitive responses (``C = k C_in``, already strided, ``task_branch="nlp"``).
+        """
         assert self.task_convs is not None
         tasks = self.router.active
         if len(tasks) == 1:
@@ -124,12 +167,16 @@ class RoutedConv(nn.Module):
         convs = [self.task_convs[t] for t in tasks]
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
-        first = convs[0]
-        y = F.conv2d(blocks_to_channels(x, len(tasks)), weight, bias, first.stride, first.padding, first.dilation, len(tasks))
-        return channels_to_blocks(y, len(tasks))
+        first, n = convs[0], len(tasks)
+        y = F.conv2d(blocks_to_channels(x, n), weight, bias, first.stride, first.padding, first.dilation, n * first.groups)
+        return channels_to_blocks(y, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C_in, H, W)`` -> ``(n B, C_out, ceil(H / s), ceil(W / s))``: shared channels first."""
+        if self.task_branch == "nlp" and self.task_convs is not None:
+            assert isinstance(self.shared, NLPBlock)
+            responses = self.shared.responses(x)
+            return torch.cat([self.shared.mix(responses), self.task_forward(responses)], dim=1)
         parts = []
         if self.shared is not None:
             parts.append(self.shared(x))
@@ -141,8 +188,10 @@ class RoutedConv(nn.Module):
 class TaskBatchNorm(nn.Module):
     """Batch norm with one set of affine parameters and running statistics per task.
 
-    In the stacked layout, the statistics of each task block are computed over that block
-    only, so a batched pass normalises every task exactly as its per-task pass does.
+    In the stacked layout each task block is normalised by its own ``F.batch_norm`` call with
+    its task's parameters and statistics, so a batched pass computes exactly (bit for bit)
+    what the per-task passes compute; one call over all blocks moved to the channel axis would
+    reduce in another order on small maps.
 
     Args:
         router: the network's task router.
@@ -197,35 +246,101 @@ class TaskBatchNorm(nn.Module):
                     out.running_var[t].copy_(bn.running_var)
         return out
 
+    def normalize(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """``(B, C, *S)`` of one task -> same shape; in training, updates that task's running statistics in place."""
+        weight = self.weight[task] if self.weight is not None else None
+        bias = self.bias[task] if self.bias is not None else None
+        if self.running_mean is None or self.running_var is None or self.num_batches_tracked is None:
+            return F.batch_norm(x, None, None, weight, bias, True, self.momentum, self.eps)
+        if self.training:
+            self.num_batches_tracked[task] += 1
+        # rows of the (T, C) buffers are views: F.batch_norm updates them in place
+        return F.batch_norm(x, self.running_mean[task], self.running_var[task], weight, bias, self.training, self.momentum, self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C, *S)`` -> same shape, each task block normalised with its task's parameters."""
         tasks = self.router.active
-        n = len(tasks)
-        index = torch.tensor(tasks, device=x.device)
-        weight = torch.cat([self.weight[t] for t in tasks]) if self.weight is not None else None
-        bias = torch.cat([self.bias[t] for t in tasks]) if self.bias is not None else None
-        mean = var = None
-        if self.running_mean is not None and self.running_var is not None:
-            mean, var = self.running_mean[index].flatten(), self.running_var[index].flatten()
-        use_batch_stats = self.training or mean is None
-        y = F.batch_norm(blocks_to_channels(x, n), mean, var, weight, bias, use_batch_stats, self.momentum, self.eps)
-        if self.training and mean is not None and var is not None:
-            assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
-            self.running_mean[index] = mean.view(n, -1)
-            self.running_var[index] = var.view(n, -1)
-            self.num_batches_tracked[index] += 1
-        return channels_to_blocks(y, n)
+        if len(tasks) == 1:
+            return self.normalize(x, tasks[0])
+        return torch.cat([self.normalize(block, t) for block, t in zip(x.chunk(len(tasks)), tasks)])
+
+
+class BlockBatchNorm(nn.BatchNorm2d):
+    """Batch norm shared by every task (one set of affine parameters and running statistics), statistics per task block.
+
+    The per-task pass of task ``t`` is a plain ``nn.BatchNorm2d``; in the stacked layout each
+    task block is normalised by its own call with the statistics of that block only (the
+    per-task pass sees one task's features), and in training with running statistics the
+    blocks update them one after the other in task order, as ``n`` successive per-task passes
+    do; so the batched pass is bit-equal to the per-task passes. The state dict is that of
+    ``nn.BatchNorm2d``.
+
+    Args:
+        router: the network's task router.
+        num_features, eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``.
+    """
+
+    def __init__(
+        self,
+        router: TaskRouter,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.router = router
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, router: TaskRouter) -> BlockBatchNorm:
+        """A copy of ``bn`` (its settings, affine values and running statistics) that normalises per task block."""
+        out = cls(router, bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        out.load_state_dict(bn.state_dict())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n B, C, H, W)`` -> same shape, each task block normalised with its own statistics."""
+        n = len(self.router.active)
+        if n == 1:
+            return super().forward(x)
+        return torch.cat([super(BlockBatchNorm, self).forward(block) for block in x.chunk(n)])
+
+
+def routing_masks(num_tasks: int, channels: int, active_ratio: float, seed: int) -> torch.Tensor:
+    """Maximum Roaming's initial Task Routing masks: ``(T, C)`` in {0, 1}.
+
+    Channel ``c`` is first given to task ``c mod T`` (every channel belongs to at least one
+    task); then each task gains channels drawn at random among those it lacks until at most a
+    fraction ``1 - active_ratio`` of its channels is zero (``zeros / C <= 1 - active_ratio``,
+    the test of Maximum Roaming's ``MR`` layer).
+
+    Args:
+        num_tasks: ``T``.
+        channels: ``C``.
+        active_ratio: the fraction of channels each task keeps at least (MR's ``sigma``).
+        seed: seed of the draws (task ``t`` draws from ``derive_seed(seed, t)``).
+    """
+    masks = (torch.arange(channels).remainder(num_tasks) == torch.arange(num_tasks)[:, None]).float()
+    max_zeros = max(z for z in range(channels + 1) if z / channels <= 1.0 - active_ratio)
+    for t in range(num_tasks):
+        free = torch.nonzero(masks[t] == 0).flatten()
+        extra = max(0, len(free) - max_zeros)
+        generator = torch.Generator().manual_seed(derive_seed(seed, t))
+        masks[t, free[torch.randperm(len(free), generator=generator)[:extra]]] = 1.0
+    return masks
 
 
 class TaskChannelMask(nn.Module):
-    """Task Routing: a fixed random binary channel mask per task (a seeded buffer).
+    """Task Routing: a fixed binary channel mask per task (a seeded buffer), built as Maximum Roaming builds it.
 
-    Task ``t`` keeps ``max(1, round(active_ratio C))`` channels drawn at random and zeroes the rest.
+    See :func:`routing_masks`: every channel is kept by at least one task, and each task keeps
+    at least a fraction ``active_ratio`` of the channels.
 
     Args:
         router: the network's task router.
         channels: ``C``.
-        active_ratio: fraction of channels each task keeps.
+        active_ratio: fraction of channels each task keeps (Maximum Roaming's ``sigma``).
         seed: seed of the masks.
     """
 
@@ -236,12 +351,7 @@ class TaskChannelMask(nn.Module):
         if not 0.0 < active_ratio <= 1.0:
             raise ValueError(f"active_ratio must lie in (0, 1], got {active_ratio}")
         self.router = router
-        active = max(1, round(active_ratio * channels))
-        masks = torch.zeros(router.num_tasks, channels)
-        for t in range(router.num_tasks):
-            generator = torch.Generator().manual_seed(derive_seed(seed, t))
-            masks[t, torch.randperm(channels, generator=generator)[:active]] = 1.0
-        self.register_buffer("mask", masks)
+        self.register_buffer("mask", routing_masks(router.num_tasks, channels, active_ratio, seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C, *S)`` -> same shape, channels of block ``i`` multiplied by the mask of ``tasks[i]``."""
@@ -252,7 +362,10 @@ class TaskChannelMask(nn.Module):
 
 
 class ETRNLPModule(nn.Sequential):
-    """The ETR-NLP module: ``ReLU(TaskBN(cat([NLP(x), Conv3x3_t(x)])))``, ``C_in -> C_out``.
+    """The ETR-NLP module: ``ReLU(TaskBN(cat([NLP(x), specific_t(x)])))``, ``C_in -> C_out``.
+
+    ``specific_t`` is a 3x3 convolution of ``x`` or a 1x1 mix of the NLP's primitive responses
+    (``task_branch``, see :class:`RoutedConv`).
 
     Args:
         router: the network's task router.
@@ -262,6 +375,7 @@ class ETRNLPModule(nn.Sequential):
         gamma: sharing ratio.
         nlp: NLP options.
         seed: seed of the primitives.
+        task_branch: ``"conv"`` or ``"nlp"``.
     """
 
     def __init__(
@@ -273,9 +387,10 @@ class ETRNLPModule(nn.Sequential):
         gamma: float = 0.9,
         nlp: NLPOptions = NLPOptions(),
         seed: int = 0,
+        task_branch: TaskBranch = "nlp",
     ) -> None:
         super().__init__(
-            RoutedConv(router, in_channels, out_channels, 3, stride, 1, False, gamma, "nlp", nlp, seed),
+            RoutedConv(router, in_channels, out_channels, 3, stride, 1, False, gamma, "nlp", nlp, seed, task_branch),
             TaskBatchNorm(router, out_channels),
             nn.ReLU(inplace=True),
         )

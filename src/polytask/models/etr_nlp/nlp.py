@@ -89,8 +89,15 @@ class NLPBlock(nn.Module):
         k = len(self.primitives)
         self.mix = nn.Conv2d(k * in_channels, out_channels, 1, groups=mix_groups(in_channels, out_channels, groups), bias=bias)
 
+    def responses(self, x: torch.Tensor) -> torch.Tensor:
+        """Shuffled frozen responses: ``(N, C_in, H, W)`` -> ``(N, k C_in, ceil(H / s), ceil(W / s))``.
+
+        Channel ``c k + j`` is ``p_j(x)[:, c]``; the mix (and the task mixes of a
+        :class:`~polytask.models.etr_nlp.layers.RoutedConv` with ``task_branch="nlp"``) read this tensor.
+        """
+        # stacking on dim 2 is the concatenation followed by the channel shuffle
+        return torch.stack([p(x) for p in self.primitives], dim=2).flatten(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W)`` -> ``(N, C_out, ceil(H / s), ceil(W / s))``."""
-        # stacking on dim 2 is the concatenation followed by the channel shuffle: channel c * k + j is p_j(x)[:, c]
-        responses = torch.stack([p(x) for p in self.primitives], dim=2).flatten(1, 2)
-        return self.mix(responses)
+        return self.mix(self.responses(x))

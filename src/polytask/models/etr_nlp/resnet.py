@@ -11,6 +11,7 @@ from torch import nn
 
 from polytask.models.backbones import TimmBackbone, create_timm_model
 from polytask.models.base import register_model
+from polytask.models.etr_nlp.layers import TaskBranch
 from polytask.models.etr_nlp.net import RoutedNet
 from polytask.models.etr_nlp.nlp import NLPOptions
 from polytask.models.etr_nlp.routing import Routing, RoutingKind
@@ -71,10 +72,11 @@ class RoutedResNet(RoutedNet):
         running_stats: keep batch-norm running statistics (False: batch statistics in evaluation too).
         head_channels: hidden width of dense heads.
         backbone_options: other ``timm.create_model`` options (e.g. ``channels``, ``stem_width``).
-        gamma: sharing ratio (ETR kinds only; default 0.9).
+        gamma: sharing ratio (ETR kinds; default 0.9); NLP-only: the ETR-NLP ratio whose mix groups it copies.
         nlp: NLP options (NLP kinds only).
         active_ratio: channels kept per task (Task Routing only; default 0.5).
         seed: seed of the primitives and masks.
+        task_branch: ETR-NLP's task-specific branch, ``nlp`` (default) or ``conv``.
     """
 
     ROUTING: ClassVar[RoutingKind]
@@ -90,6 +92,7 @@ class RoutedResNet(RoutedNet):
         nlp: NLPOptions | None = None,
         active_ratio: float | None = None,
         seed: int = 0,
+        task_branch: TaskBranch | None = None,
     ) -> None:
         model = create_timm_model(
             backbone, num_classes=0, global_pool="",
@@ -97,12 +100,13 @@ class RoutedResNet(RoutedNet):
         )
         width = model.num_features
         heads = {t.name: make_head(t.dense, width, t.out_channels, head_channels) for t in tasks}
-        super().__init__(tasks, Routing(self.ROUTING, gamma, nlp, active_ratio, seed), FeatureMap(model), heads, kaiming_init)
+        routing = Routing(self.ROUTING, gamma, nlp, active_ratio, seed, task_branch)
+        super().__init__(tasks, routing, FeatureMap(model), heads, kaiming_init)
 
 
 @register_model("etr_nlp_resnet18")
 class ETRNLPResNet18(RoutedResNet):
-    """ResNet-18 of ETR-NLP modules (every convolution routed, NLP shared branch)."""
+    """ResNet-18 of ETR-NLP modules (every convolution routed: NLP shared branch + task branches)."""
 
     ROUTING = "etr_nlp"
 
@@ -116,14 +120,14 @@ class ETRResNet18(RoutedResNet):
 
 @register_model("nlp_resnet18")
 class NLPResNet18(RoutedResNet):
-    """Ablation, NLP without routing: every convolution is a fully shared NLP block (gamma = 1)."""
+    """Ablation, NLP without routing: every convolution a fully shared NLP block, mix grouped as ETR-NLP's at ``gamma``."""
 
     ROUTING = "nlp"
 
 
 @register_model("task_routing_resnet18")
 class TaskRoutingResNet18(RoutedResNet):
-    """Task Routing baseline: shared ResNet-18, fixed random per-task channel masks after each batch norm."""
+    """Task Routing baseline: shared ResNet-18 and batch norms, fixed random per-task channel masks after each batch norm."""
 
     ROUTING = "task_routing"
 
@@ -159,6 +163,7 @@ class ETRNLPTimmResNet(RoutedNet):
         gamma: sharing ratio (default 0.9).
         nlp: NLP options.
         seed: seed of the primitives.
+        task_branch: task-specific branch, ``nlp`` (default) or ``conv``.
     """
 
     def __init__(
@@ -172,8 +177,9 @@ class ETRNLPTimmResNet(RoutedNet):
         gamma: float | None = None,
         nlp: NLPOptions | None = None,
         seed: int = 0,
+        task_branch: TaskBranch | None = None,
     ) -> None:
         encoder = TimmBackbone(backbone, out_indices, **(backbone_options or {}))
         trunk = BackboneDecoder(encoder, FusionDecoder(encoder.out_channels, decoder_channels))
         heads = {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in tasks}
-        super().__init__(tasks, Routing("etr_nlp", gamma, nlp, None, seed), trunk, heads, kaiming_init)
+        super().__init__(tasks, Routing("etr_nlp", gamma, nlp, None, seed, task_branch), trunk, heads, kaiming_init)

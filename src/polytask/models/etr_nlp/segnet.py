@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytask.models.base import register_model
+from polytask.models.etr_nlp.layers import TaskBranch
 from polytask.models.etr_nlp.net import RoutedNet
 from polytask.models.etr_nlp.nlp import NLPOptions
 from polytask.models.etr_nlp.routing import Routing, RoutingKind
@@ -19,11 +20,15 @@ from polytask.tasks import Task
 SEGNET_FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
 
 
-def conv_layer(in_channels: int, out_channels: int) -> nn.Sequential:
-    """MTAN's conv layer: Conv3x3 (with bias) -> BatchNorm -> ReLU."""
+def conv_layer(in_channels: int, out_channels: int, running_stats: bool = True) -> nn.Sequential:
+    """MTAN's conv layer: Conv3x3 (with bias) -> BatchNorm -> ReLU.
+
+    ``running_stats=False`` is Maximum Roaming's batch norm (``track_running_stats=False``: batch
+    statistics in evaluation too).
+    """
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        nn.BatchNorm2d(out_channels),
+        nn.BatchNorm2d(out_channels, track_running_stats=running_stats),
         nn.ReLU(inplace=True),
     )
 
@@ -64,23 +69,26 @@ class SegNetTrunk(nn.Module):
 
     Args:
         filters: the five stage widths.
+        running_stats: batch norms keep running statistics (MTAN); False: batch statistics in
+            evaluation too (Maximum Roaming's SegNet).
     """
 
-    def __init__(self, filters: Sequence[int] = SEGNET_FILTERS) -> None:
+    def __init__(self, filters: Sequence[int] = SEGNET_FILTERS, running_stats: bool = True) -> None:
         super().__init__()
         f = list(filters)
         if len(f) != 5:
             raise ValueError(f"SegNet needs 5 filter widths, got {f}")
 
-        def repeated(channels: int, stage: int) -> nn.Module:
-            return conv_layer(channels, channels) if stage < 2 else nn.Sequential(
-                conv_layer(channels, channels), conv_layer(channels, channels)
-            )
+        def layer(in_channels: int, out_channels: int) -> nn.Sequential:
+            return conv_layer(in_channels, out_channels, running_stats)
 
-        self.encoder_block = nn.ModuleList([conv_layer(3, f[0])] + [conv_layer(f[i], f[i + 1]) for i in range(4)])
-        self.decoder_block = nn.ModuleList([conv_layer(f[0], f[0])] + [conv_layer(f[i + 1], f[i]) for i in range(4)])
+        def repeated(channels: int, stage: int) -> nn.Module:
+            return layer(channels, channels) if stage < 2 else nn.Sequential(layer(channels, channels), layer(channels, channels))
+
+        self.encoder_block = nn.ModuleList([layer(3, f[0])] + [layer(f[i], f[i + 1]) for i in range(4)])
+        self.decoder_block = nn.ModuleList([layer(f[0], f[0])] + [layer(f[i + 1], f[i]) for i in range(4)])
         self.conv_block_enc = nn.ModuleList(repeated(f[i], i) for i in range(5))
-        self.conv_block_dec = nn.ModuleList([conv_layer(f[0], f[0])] + [repeated(f[i], i + 1) for i in range(4)])
+        self.conv_block_dec = nn.ModuleList([layer(f[0], f[0])] + [repeated(f[i], i + 1) for i in range(4)])
         self.out_channels = f[0]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -127,10 +135,13 @@ class RoutedSegNet(RoutedNet):
     Args:
         tasks: the tasks to predict.
         filters: the five stage widths (MTAN: 64-128-256-512-512).
-        gamma: sharing ratio (ETR kinds only; default 0.9).
+        gamma: sharing ratio (ETR kinds; default 0.9); NLP-only: the ETR-NLP ratio whose mix groups it copies.
         nlp: NLP options (NLP kinds only).
         active_ratio: channels kept per task (Task Routing only; default 0.5).
         seed: seed of the primitives and masks.
+        running_stats: batch norms keep running statistics (MTAN); False: batch statistics in
+            evaluation too (Maximum Roaming's SegNet).
+        task_branch: ETR-NLP's task-specific branch, ``nlp`` (default) or ``conv``.
     """
 
     ROUTING: ClassVar[RoutingKind]
@@ -143,16 +154,19 @@ class RoutedSegNet(RoutedNet):
         nlp: NLPOptions | None = None,
         active_ratio: float | None = None,
         seed: int = 0,
+        running_stats: bool = True,
+        task_branch: TaskBranch | None = None,
     ) -> None:
-        trunk = SegNetTrunk(filters)
+        trunk = SegNetTrunk(filters, running_stats)
         width = trunk.out_channels
         heads = {t.name: SegNetHead(width, t.out_channels) if t.dense else ImageHead(width, t.out_channels) for t in tasks}
-        super().__init__(tasks, Routing(self.ROUTING, gamma, nlp, active_ratio, seed), trunk, heads, xavier_init)
+        routing = Routing(self.ROUTING, gamma, nlp, active_ratio, seed, task_branch)
+        super().__init__(tasks, routing, trunk, heads, xavier_init)
 
 
 @register_model("etr_nlp_segnet")
 class ETRNLPSegNet(RoutedSegNet):
-    """SegNet of ETR-NLP modules: NLP shared branch (gamma) + task-specific convolutions."""
+    """SegNet of ETR-NLP modules: NLP shared branch (gamma) + task-specific branches (``task_branch``)."""
 
     ROUTING = "etr_nlp"
 
@@ -166,14 +180,14 @@ class ETRSegNet(RoutedSegNet):
 
 @register_model("nlp_segnet")
 class NLPSegNet(RoutedSegNet):
-    """Ablation, NLP without routing: every convolution is a fully shared NLP block (gamma = 1)."""
+    """Ablation, NLP without routing: every convolution a fully shared NLP block, mix grouped as ETR-NLP's at ``gamma``."""
 
     ROUTING = "nlp"
 
 
 @register_model("task_routing_segnet")
 class TaskRoutingSegNet(RoutedSegNet):
-    """Task Routing baseline: shared convolutions, fixed random per-task channel masks after each batch norm."""
+    """Task Routing baseline: shared convolutions and batch norms, fixed random per-task channel masks after each batch norm."""
 
     ROUTING = "task_routing"
 
