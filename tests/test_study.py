@@ -11,8 +11,10 @@ import pytest
 
 from polytask.cli import main
 from polytask.metrics import delta_m
-from polytask.study import StudyError, load_runs, load_study, parse_study, run_study, summarize, write_report
-from polytask.study.spec import run_folder
+from polytask.study.report import load_runs, write_report
+from polytask.study.runner import run_study
+from polytask.study.spec import StudyError, load_study, parse_study, run_folder
+from polytask.study.stats import summarize
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
