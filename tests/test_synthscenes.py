@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +231,7 @@ def test_splits_differ(tmp_path: Path) -> None:
 def test_cache_round_trip_equals_fresh_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = SynthScenes("test", num_samples=5, image_size=(24, 32), seed=2, cache_dir=tmp_path)
     path = fresh.prepare()
-    assert path.exists() and path.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert path.exists() and path.parent == tmp_path and _cache_files(tmp_path) == [path.name]
     assert isinstance(np.load(path, mmap_mode="r"), np.memmap)
 
     def no_rendering(*args: object, **kwargs: object) -> None:
@@ -262,7 +264,35 @@ def test_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     ds = SynthScenes("train", num_samples=4, image_size=(16, 16), cache_dir=tmp_path)
     with pytest.raises(RuntimeError, match="interrupted"):
         ds[0]
-    assert list(tmp_path.iterdir()) == []
+    assert _cache_files(tmp_path) == []
     monkeypatch.setattr(synthscenes, "_render_record", render_record)
     assert ds.prepare().exists()
-    assert len(list(tmp_path.iterdir())) == 1
+    assert len(_cache_files(tmp_path)) == 1
+
+
+def _cache_files(folder: Path) -> list[str]:
+    """Names in ``folder`` other than the lock files of :meth:`SynthScenes.prepare`."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_concurrent_prepare_renders_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # another process holds the split's lock while it "renders" (writes the file, then releases):
+    # prepare() waits for it and then reads its file instead of rendering the split again
+    ds = SynthScenes("val", num_samples=2, image_size=(16, 16), cache_dir=tmp_path)
+    path = ds.cache_path
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, filelock, pathlib; path = pathlib.Path(sys.argv[1])\n"
+        "with filelock.FileLock(str(path) + '.lock'):\n"
+        "    print('locked', flush=True); time.sleep(1.5); path.write_bytes(b'rendered elsewhere')"
+    ), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+
+        def no_rendering(*args: object, **kwargs: object) -> None:
+            raise AssertionError("the split was rendered twice")
+
+        monkeypatch.setattr(synthscenes, "_write_split", no_rendering)
+        assert ds.prepare() == path
+        assert path.read_bytes() == b"rendered elsewhere"
+    finally:
+        holder.wait(timeout=30)

@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
 
 from polytask.losses import IGNORE_INDEX
@@ -661,11 +662,19 @@ class SynthScenes(Dataset):
         return self.cache_dir / name
 
     def prepare(self) -> Path:
-        """Render the split into ``cache_path`` unless it is there; returns ``cache_path``."""
+        """Render the split into ``cache_path`` unless it is there; returns ``cache_path``.
+
+        Processes preparing the same split at once (parallel study runs) render it once: the
+        others wait on a lock file beside the cache and then read what the first one wrote.
+        """
         path = self.cache_path
-        if not path.exists():
-            seeds = [scene_seed(self.seed, self.split, i) for i in range(self.num_samples)]
-            _write_split(path, seeds, *self.image_size, self._parts)
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                seeds = [scene_seed(self.seed, self.split, i) for i in range(self.num_samples)]
+                _write_split(path, seeds, *self.image_size, self._parts)
         return path
 
     def _load(self) -> np.ndarray:
