@@ -21,7 +21,11 @@ from polytask.study.spec import Study, StudyError, arm_seed_pairs, run_folder
 from polytask.study.worker import read_json
 from polytask.training.report import write_json_atomic
 
-GITIGNORE = "# written by polytask study run: checkpoints are resume points, not results\ncheckpoints/\n"
+GITIGNORE = (
+    "# written by polytask study run: checkpoints are resume points, not results; the run folders\n"
+    "# hold the small result files a report is rebuilt from (re-included if a parent ignores runs/)\n"
+    "checkpoints/\n!runs/\n"
+)
 
 
 @dataclass(frozen=True)
