@@ -1,34 +1,48 @@
 """DDP on 2 CPU processes (gloo) trains exactly like one process holding the whole batch.
 
-Both runs are ``polytask fit`` of one config: in this process with batch 4, and with
+Each comparison runs ``polytask fit`` of one config twice: in this process with batch 4, and with
 ``configs/trainer/ddp_cpu.yaml`` as 2 processes of batch 2 (Lightning starts the second
-process). After one epoch (4 Adam steps) the validation metrics agree to 1e-5 relative and every
-weight and buffer to 1e-5. What makes them equal:
+process, as for a user's ``polytask fit --trainer.devices 2``). After one epoch (2 batches) the
+validation metrics agree to 1e-5 relative and every weight and buffer to 1e-5. It is checked for
+hard sharing (the default network), TaskExpert, and ETR-NLP trained batched and per task (one
+optimizer step per task: its gradients are averaged by :class:`~polytask.training.PerTaskModule`,
+not by DDP's reducer). What makes the runs equal:
 
 * the same images in every step: the datamodule's training sampler shards one permutation of
   ``(seed, epoch)`` by rank (rank ``r`` takes positions ``r, r + 2, ...``), so the two ranks of
   a step hold the four images of the one-process step; no flip augmentation;
-* batch statistics over the 4 images: :class:`GlooSyncBatchNorm` below, since torch's
-  ``SyncBatchNorm`` runs on GPUs only (DDP refuses it on CPU modules);
-* losses that are means over equal counts, so DDP's average of the per-process gradients is
+* batch statistics over the 4 images: :class:`GlooBatchNormSync` below turns every
+  ``BatchNorm2d`` and ETR-NLP ``TaskBatchNorm`` into a version whose statistics are all-reduced
+  (torch's ``SyncBatchNorm`` runs on GPUs only: DDP refuses it on CPU modules);
+* losses that are means over equal counts, so the average of the per-process gradients is
   the gradient of the whole batch: semseg (no ignored pixels in SynthScenes), depth (every
   pixel valid), normals and edge. Saliency is left out (its class weights are balanced per
   batch) and so are human parts (255 on whole images without a box: unequal valid counts);
+  TaskExpert without its load-balancing loss and gate noise (both per-process batch statistics);
 * metrics as sums synced by torchmetrics at ``compute()`` over validation splits that divide
   evenly between the ranks (no padding duplicates);
 * float64 (``precision: 64-true``): the two runs sum in different orders, and in float32 the
-  rounding differences grow through the steps of the untrained network. Measured with this test
-  in float32: metrics within 9e-9 relative, weights within 5.3e-5 (Adam, lr 1e-3; with SGD,
-  lr 0.05: 2.3e-5). In float64 both agree to 1.4e-13.
+  rounding differences grow through the steps of the untrained network. Measured with the hard
+  sharing test in float32 (then 4 batches of 32x48 images): metrics within 9e-9 relative, weights
+  within 5.3e-5 (Adam, lr 1e-3; with SGD, lr 0.05: 2.3e-5). In float64 both agreed to 1.4e-13.
+
+Every multi-process run here goes through :func:`run_ddp`, which turns a hang (a collective that
+one rank never joins) into a test failure showing the stack of every process, not a stuck test
+run. ``tests/test_ddp_matrix.py`` uses it too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,10 +50,137 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 
+from polytask.models.etr_nlp.layers import TaskBatchNorm
+
 REPO = Path(__file__).resolve().parents[1]
+DDP_CPU = REPO / "configs" / "trainer" / "ddp_cpu.yaml"
 TASKS = ["semseg", "depth", "normals", "edge"]
-IMAGE_SIZE = (32, 48)
-NUM_TRAIN, NUM_VAL, TOTAL_BATCH = 16, 8, 4
+IMAGE_SIZE = (32, 32)
+NUM_TRAIN, NUM_VAL, TOTAL_BATCH = 8, 4, 4
+HANG_TIMEOUT_S = float(os.environ.get("POLYTASK_DDP_TEST_TIMEOUT", "300"))
+"""Seconds a :func:`run_ddp` run may take before its processes dump their stacks and are killed
+(``$POLYTASK_DDP_TEST_TIMEOUT``, default 300)."""
+
+
+# --- running several processes -------------------------------------------------------------
+
+
+def _rank_main(argv: Sequence[str]) -> None:
+    """Body of one process of :func:`run_ddp`: ``COMMANDS_JSON``, a list of ``polytask`` commands.
+
+    Installs ``faulthandler`` so that a crash, or the ``SIGUSR1`` that :func:`run_ddp` sends when
+    the run takes too long, writes the stack of every thread to stderr; then runs the commands in
+    order. The argument ``@last`` of a command stands for the newest ``last.ckpt`` under the
+    working directory.
+    """
+    import faulthandler
+    import glob
+
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from polytask.cli import main
+
+    for command in json.loads(argv[0]):
+        if "@last" in command:
+            found = sorted(glob.glob("**/last.ckpt", recursive=True), key=os.path.getmtime)
+            if not found:
+                sys.exit(f"no last.ckpt under {os.getcwd()} to resume from")
+            command = [found[-1] if arg == "@last" else arg for arg in command]
+        main(command)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ddp(
+    commands: Sequence[Sequence[str]],
+    cwd: Path,
+    world_size: int = 2,
+    launcher: str = "external",
+    timeout_s: float = HANG_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> str:
+    """Run ``polytask`` commands on ``world_size`` processes; fail the test unless every process succeeds.
+
+    A run still going after ``timeout_s`` (a hang: a collective that some rank never joins)
+    gets ``SIGUSR1`` in every process, which writes the stack of each of its threads to its log
+    (:func:`_rank_main`), and is then killed; the test fails showing those stacks.
+
+    Args:
+        commands: argument lists of ``polytask`` (``["fit", "--config", ...]``), run in order by
+            every process (a second ``fit`` in the same processes reuses their process group).
+        cwd: working directory of the processes; their logs go to ``cwd/rank<r>.log``.
+        world_size: number of processes.
+        launcher: ``external``: this function starts every process with ``LOCAL_RANK`` set (as
+            torchrun does); ``lightning``: it starts rank 0 and Lightning starts the others
+            (one command only, as ``polytask fit --trainer.devices N`` does; their output goes
+            to rank 0's log).
+        timeout_s: seconds the whole run may take.
+        env: extra environment variables.
+
+    Returns:
+        The logs of the processes, joined.
+    """
+    if launcher not in ("external", "lightning"):
+        raise ValueError(f"unknown launcher {launcher!r}")
+    if launcher == "lightning" and len(commands) != 1:
+        raise ValueError("Lightning's launcher starts the other processes for one command only")
+    base_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    argv = [sys.executable, str(Path(__file__).resolve()), json.dumps([list(c) for c in commands])]
+    ranks = range(world_size) if launcher == "external" else range(1)
+    logs = [cwd / f"rank{rank}.log" for rank in ranks]
+    processes = []
+    for rank, log in zip(ranks, logs):
+        rank_env = dict(base_env)
+        if launcher == "external":
+            rank_env.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
+        with log.open("w") as out:  # a session per process: its signals reach the processes it starts
+            processes.append(subprocess.Popen(argv, cwd=cwd, env=rank_env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+    deadline = time.monotonic() + timeout_s
+    hung = False
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            hung = True
+            break
+    if hung:
+        _signal_groups(processes, signal.SIGUSR1)
+        time.sleep(5.0)
+        _signal_groups(processes, signal.SIGKILL)
+    codes = [process.wait() for process in processes]
+    texts = [log.read_text(errors="replace") for log in logs]
+    if hung or any(codes):
+        report = "\n".join(
+            f"===== rank {rank} (exit status {code}), last lines of {log} =====\n{text[-12000:]}"
+            for rank, code, log, text in zip(ranks, codes, logs, texts)
+        )
+        what = f"hung: still running after {timeout_s:.0f} s; the stacks of every process follow" if hung else "failed"
+        pytest.fail(f"{world_size}-process run {what}\n{report}", pytrace=False)
+    return "\n".join(texts)
+
+
+def _signal_groups(processes: Sequence[subprocess.Popen], signum: int) -> None:
+    """Send ``signum`` to the process group (session) of each of ``processes`` that still runs."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+
+
+# --- batch norm over all processes ---------------------------------------------------------
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -58,57 +199,165 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
 
-class GlooSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d normalising with the statistics of the batch of all processes (works on CPU/gloo).
+def _distributed_training(module: nn.Module) -> bool:
+    return module.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Training-mode ``F.batch_norm`` of ``(B, C, H, W)`` with the statistics of every process's batch.
 
     Mean and variance come from differentiable all-reduces of per-channel sums (two passes:
     the sums, then the squared deviations), so gradients flow through the global statistics as
-    in torch's ``SyncBatchNorm``. Outside training or distributed runs it is a plain BatchNorm2d.
+    in torch's ``SyncBatchNorm``. The running statistics, when given, are updated in place.
+    """
+    channels = x.shape[1]
+    count = _AllReduceSum.apply(x.new_tensor([x.numel() / channels]))
+    mean = _AllReduceSum.apply(x.sum(dim=(0, 2, 3))) / count
+    centred = x - mean.view(1, -1, 1, 1)
+    var = _AllReduceSum.apply(centred.pow(2).sum(dim=(0, 2, 3))) / count
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(var * count / (count - 1), momentum)
+    y = centred * torch.rsqrt(var + eps).view(1, -1, 1, 1)
+    if weight is not None and bias is not None:
+        y = y * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    return y
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d normalising with the statistics of the batch of all processes (works on CPU/gloo).
+
+    Outside training or distributed runs it is a plain BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _distributed_training(self):
             return super().forward(x)
-        channels = x.shape[1]
-        count = _AllReduceSum.apply(x.new_tensor([x.numel() / channels]))
-        mean = _AllReduceSum.apply(x.sum(dim=(0, 2, 3))) / count
-        centred = x - mean.view(1, -1, 1, 1)
-        var = _AllReduceSum.apply(centred.pow(2).sum(dim=(0, 2, 3))) / count
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * count / (count - 1), self.momentum)
-        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return y
+            self.num_batches_tracked += 1
+        return global_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps)
 
 
-def _swap_batchnorms(module: nn.Module, target: type[nn.BatchNorm2d]) -> nn.Module:
-    """Replace every BatchNorm2d (exact type) of ``module`` by ``target``, keeping parameters and buffers."""
-    for name, child in module.named_children():
-        if type(child) in (nn.BatchNorm2d, GlooSyncBatchNorm) and type(child) is not target:
-            swapped = target(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            swapped.load_state_dict(child.state_dict())
-            setattr(module, name, swapped)
-        else:
-            _swap_batchnorms(child, target)
-    return module
+class GlooSyncTaskBatchNorm(TaskBatchNorm):
+    """ETR-NLP's ``TaskBatchNorm`` normalising each task block with its statistics over all processes."""
+
+    def normalize(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """``(B, C, H, W)`` of task ``task`` -> same shape, as ``TaskBatchNorm.normalize`` with global statistics."""
+        if not _distributed_training(self):
+            return super().normalize(x, task)
+        weight = self.weight[task] if self.weight is not None else None
+        bias = self.bias[task] if self.bias is not None else None
+        if self.running_mean is None or self.running_var is None or self.num_batches_tracked is None:
+            return global_batch_norm(x, None, None, weight, bias, self.momentum, self.eps)
+        self.num_batches_tracked[task] += 1
+        # rows of the (T, C) buffers are views: updated in place
+        return global_batch_norm(x, self.running_mean[task], self.running_var[task], weight, bias, self.momentum, self.eps)
+
+
+_SYNCED = {nn.BatchNorm2d: GlooSyncBatchNorm, TaskBatchNorm: GlooSyncTaskBatchNorm}
 
 
 class GlooBatchNormSync(LayerSync):
-    """Lightning ``LayerSync`` plugin turning BatchNorm2d layers into :class:`GlooSyncBatchNorm`."""
+    """Lightning ``LayerSync`` plugin: ``BatchNorm2d`` and ``TaskBatchNorm`` layers (exact types) get
+    their ``Gloo*`` versions above; ``revert`` undoes it. Parameters and buffers stay in place."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        return _swap_batchnorms(model, GlooSyncBatchNorm)
+        for module in model.modules():
+            if type(module) in _SYNCED:
+                module.__class__ = _SYNCED[type(module)]
+        return model
 
     def revert(self, model: nn.Module) -> nn.Module:
-        return _swap_batchnorms(model, nn.BatchNorm2d)
+        plain = {synced: base for base, synced in _SYNCED.items()}
+        for module in model.modules():
+            if type(module) in plain:
+                module.__class__ = plain[type(module)]
+        return model
 
 
-def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int) -> None:
+# --- per-task gradient averaging -------------------------------------------------------------
+
+
+def _average_in_process(rank: int, port: int, results: Any) -> None:
+    """One of 2 gloo processes: gradients ``rank + 1`` on parameters 0 and 2, averaged; then rank 1
+    also holds a gradient on parameter 1, which must raise on both processes."""
+    from polytask.training import GradientMismatchError, all_reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        parameters = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 2))]
+        for i in (0, 2):
+            parameters[i].grad = torch.full_like(parameters[i], float(rank + 1))
+        all_reduce_gradients(parameters, "matching step")
+        results.put((rank, "averaged", [None if p.grad is None else p.grad.tolist() for p in parameters]))
+        if rank == 1:
+            parameters[1].grad = torch.ones(2)
+        try:
+            all_reduce_gradients(parameters, "mismatched step")
+        except GradientMismatchError as err:
+            results.put((rank, "mismatch", str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_task_gradients_are_averaged_and_a_mismatch_raises_on_every_process() -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_average_in_process, args=(r, port, results)) for r in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = sorted((results.get(timeout=HANG_TIMEOUT_S) for _ in range(4)), key=lambda o: (o[1], o[0]))
+    for process in processes:
+        process.join(timeout=60)
+    expected = [[1.5] * 3, None, [[1.5, 1.5], [1.5, 1.5]]]
+    assert outcomes[:2] == [(0, "averaged", expected), (1, "averaged", expected)]
+    assert [o[:2] for o in outcomes[2:]] == [(0, "mismatch"), (1, "mismatch")]
+    assert "mismatched step" in outcomes[2][2] and "different parameters" in outcomes[2][2]
+
+
+# --- the equivalence tests -------------------------------------------------------------------
+
+HARD_SHARING = {
+    "class_path": "polytask.models.HardSharing",
+    "init_args": {"backbone": "resnet18", "decoder_channels": 16, "head_channels": 8},
+}
+TASKEXPERT = {
+    "class_path": "polytask.models.taskexpert.TaskExpert",
+    "init_args": {
+        "backbone": "vit_tiny_patch16_224",
+        "backbone_options": {"img_size": list(IMAGE_SIZE), "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 2},
+        "mmoe_blocks": [2, 4],
+        "num_experts": 3,
+        "width": 16,
+        "head_channels": 8,
+    },
+}
+ETR_NLP = {"class_path": "polytask.models.etr_nlp.ETRNLPSegNet", "init_args": {"filters": [8, 8, 16, 16, 16]}}
+MULTI_TASK_MODULE = "polytask.training.MultiTaskModule"
+PER_TASK_MODULE = "polytask.training.PerTaskModule"
+
+EQUIVALENCE_CASES = {
+    "hard_sharing": (HARD_SHARING, MULTI_TASK_MODULE),
+    "taskexpert": (TASKEXPERT, MULTI_TASK_MODULE),
+    "etr_nlp_batched": (ETR_NLP, MULTI_TASK_MODULE),
+    "etr_nlp_per_task": (ETR_NLP, PER_TASK_MODULE),
+}
+
+
+def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int, net: dict, module: str) -> None:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -119,6 +368,7 @@ def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int) -
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
+            "gradient_clip_val": None if module == PER_TASK_MODULE else 10.0,
             "plugins": [{"class_path": "test_ddp.GlooBatchNormSync"}],
             "callbacks": [
                 {"class_path": "polytask.training.MetricReport", "init_args": {"json_dir": str(out_dir)}},
@@ -129,9 +379,11 @@ def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int) -
             ],
         },
         "model": {
-            "net": {
-                "class_path": "polytask.models.HardSharing",
-                "init_args": {"backbone": "resnet18", "decoder_channels": 16, "head_channels": 8},
+            "class_path": module,
+            "init_args": {
+                "net": net,
+                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 3e-3}},
+                "lr_schedule": "poly",
             },
         },
         "data": {
@@ -157,29 +409,14 @@ def _results(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return results, state
 
 
-def _fit_one_process(tmp_path: Path, cache_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``polytask fit`` in this process with the whole batch."""
-    from polytask.cli import main
+def _initial_state(config: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict a run of ``config`` starts from (built by the same CLI, seed included) and the
+    names of its trainable parameters."""
+    from polytask.cli import instantiate
 
-    config = tmp_path / "config1.yaml"
-    _write_config(config, tmp_path / "run1", cache_dir, TOTAL_BATCH)
-    main(["fit", "--config", str(config)])
-    return _results(tmp_path / "run1")
-
-
-def _fit_ddp(tmp_path: Path, cache_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``polytask fit`` with ``configs/trainer/ddp_cpu.yaml``: Lightning starts the second process."""
-    config = tmp_path / "config2.yaml"
-    _write_config(config, tmp_path / "run2", cache_dir, TOTAL_BATCH // 2)
-    polytask = Path(sys.executable).with_name("polytask")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    command = [
-        sys.executable, str(polytask), "fit",
-        "--config", str(config), "--config", str(REPO / "configs" / "trainer" / "ddp_cpu.yaml"),
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return _results(tmp_path / "run2")
+    model = instantiate([str(config)]).model
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {k: v.clone() for k, v in model.state_dict().items()}, trainable
 
 
 @pytest.fixture(scope="module")
@@ -193,18 +430,40 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def test_gloo_sync_batchnorm_is_batchnorm_outside_distributed_runs() -> None:
-    bn = nn.BatchNorm2d(3)
+def test_gloo_sync_batchnorms_are_plain_outside_distributed_runs() -> None:
+    from polytask.models.etr_nlp.router import TaskRouter
+
     x = torch.randn(4, 3, 5, 6)
-    swapped = GlooBatchNormSync().apply(nn.Sequential(bn))[0]
-    assert type(swapped) is GlooSyncBatchNorm
-    torch.testing.assert_close(swapped(x), nn.BatchNorm2d(3)(x))
-    assert type(GlooBatchNormSync().revert(nn.Sequential(swapped))[0]) is nn.BatchNorm2d
+    router = TaskRouter(2)
+    model = nn.Sequential(nn.BatchNorm2d(3), TaskBatchNorm(router, 3))
+    with router.route([1, 0]):
+        plain = model(x)
+        GlooBatchNormSync().apply(model)
+        assert [type(m) for m in model] == [GlooSyncBatchNorm, GlooSyncTaskBatchNorm]
+        torch.testing.assert_close(model(x), plain)
+    GlooBatchNormSync().revert(model)
+    assert [type(m) for m in model] == [nn.BatchNorm2d, TaskBatchNorm]
 
 
-def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path: Path, cache_dir: Path) -> None:
-    single_results, single_state = _fit_one_process(tmp_path, cache_dir)
-    ddp_results, ddp_state = _fit_ddp(tmp_path, cache_dir)
+SLOW_EQUIVALENCE = ("etr_nlp_batched",)
+"""Cases kept out of the default run: ETR-NLP's batched DDP path is plain DDP (as hard sharing's), and
+its per-task case trains the same network; ETR-NLP's routed convolutions are slow in float64 on CPU."""
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow if c in SLOW_EQUIVALENCE else ()) for c in EQUIVALENCE_CASES]
+)
+def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_path: Path, cache_dir: Path) -> None:
+    from polytask.cli import main
+
+    net, module = EQUIVALENCE_CASES[case]
+    single, ddp = tmp_path / "run1", tmp_path / "run2"
+    _write_config(tmp_path / "config1.yaml", single, cache_dir, TOTAL_BATCH, net, module)
+    _write_config(tmp_path / "config2.yaml", ddp, cache_dir, TOTAL_BATCH // 2, net, module)
+    main(["fit", "--config", str(tmp_path / "config1.yaml")])
+    run_ddp([["fit", "--config", str(tmp_path / "config2.yaml"), "--config", str(DDP_CPU)]], tmp_path, launcher="lightning")
+    single_results, single_state = _results(single)
+    ddp_results, ddp_state = _results(ddp)
 
     assert set(single_results) == set(TASKS) == set(ddp_results)
     for task, metrics in single_results.items():
@@ -214,13 +473,12 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path: Path, c
     assert single_state.keys() == ddp_state.keys()
     for key, value in single_state.items():
         torch.testing.assert_close(ddp_state[key], value, rtol=0.0, atol=1e-5, msg=key)
-    initial = _initial_state(tmp_path / "config1.yaml")
-    moved = max(float((v - initial[k]).abs().max()) for k, v in single_state.items() if v.is_floating_point())
-    assert moved > 1e-3, "training did not change the weights: the comparison would be vacuous"
+    initial, trainable = _initial_state(tmp_path / "config1.yaml")  # the comparison must not be vacuous:
+    moved = [name for name in trainable if not torch.equal(single_state[name], initial[name])]
+    assert len(moved) >= 0.9 * len(trainable), f"only {len(moved)} of {len(trainable)} parameters trained"
+    for task in TASKS:  # (biases before a BatchNorm have no gradient)
+        assert any(name.startswith(f"net.heads.{task}.") for name in moved), f"the head of {task} did not train"
 
 
-def _initial_state(config: Path) -> dict[str, torch.Tensor]:
-    """The state dict a run of ``config`` starts from (built by the same CLI, seed included)."""
-    from polytask.cli import instantiate
-
-    return {k: v.clone() for k, v in instantiate([str(config)]).model.state_dict().items()}
+if __name__ == "__main__":
+    _rank_main(sys.argv[1:])

@@ -9,7 +9,6 @@ MMoE layer (``S_l`` slots: the experts, then the memory when the layer reads it)
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -134,6 +133,10 @@ class ExpertUsageMonitor(pl.Callback):
     per layer) and ``<dir>/step<step>.json``.
     Networks without gates are left alone (with a warning).
 
+    Under DDP every process takes part in the sums and in resolving the directory (reading
+    ``trainer.log_dir`` is a broadcast: on rank 0 alone it would wait forever for the others);
+    only global rank 0 writes the files.
+
     Args:
         out_dir: where the files go (default ``<trainer log dir>/expert_usage``).
         log_scalars: log the means through the module's loggers.
@@ -175,12 +178,13 @@ class ExpertUsageMonitor(pl.Callback):
                 f"experts/block{b}/{t}/{s}": float(m[i, j])
                 for m, names, b in zip(means, slots, blocks) for i, t in enumerate(tasks) for j, s in enumerate(names)
             })
-        self._write(trainer, means, tasks, slots, blocks)
+        out_dir = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "expert_usage"
+        self._write(trainer, out_dir, means, tasks, slots, blocks)
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, means: list[torch.Tensor], tasks: list[str],
+    def _write(self, trainer: pl.Trainer, out_dir: Path, means: list[torch.Tensor], tasks: list[str],
                slots: list[list[str]], blocks: list[int]) -> None:
-        out_dir = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "expert_usage")
+        """Write the JSON and PNG of one validation into ``out_dir`` (rank 0 only: no collective in here)."""
         stem = out_dir / f"step{trainer.global_step:07d}"
         payload = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                    **usage_payload(means, tasks, slots, blocks)}

@@ -10,7 +10,7 @@ from polytask.training.checkpoint import (
 )
 from polytask.training.guard import NonFiniteGuard, NonFiniteTrainingError
 from polytask.training.module import MultiTaskModule
-from polytask.training.per_task import PerTaskModule
+from polytask.training.per_task import GradientMismatchError, PerTaskModule, all_reduce_gradients
 from polytask.training.prediction_writer import PredictionWriter
 from polytask.training.report import MetricReport
 from polytask.training.schedulers import build_scheduler, lr_factor
@@ -18,6 +18,7 @@ from polytask.training.schedulers import build_scheduler, lr_factor
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointMismatchError",
+    "GradientMismatchError",
     "MetricReport",
     "MultiTaskModule",
     "NonFiniteGuard",
@@ -26,6 +27,7 @@ __all__ = [
     "PredictionWriter",
     "ResumableCheckpoint",
     "UnsafeCheckpointError",
+    "all_reduce_gradients",
     "build_scheduler",
     "export_safetensors",
     "load_weights",
