@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from polytask.cli import instantiate, main
+from polytask.cli import instantiate, lightning_main, main
+from polytask.training.checkpoint import read_checkpoint
 
 TINY = [
     "--data.num_train", "16", "--data.num_val", "8", "--data.image_size", "[32, 48]", "--data.batch_size", "4",
@@ -22,7 +24,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_fit_then_test_writes_metric_tables(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["fit", *TINY])
+    main(["fit", *TINY, "--trainer.max_steps", "4"])  # one epoch of 4 batches, then its validation
     val_files = list(workdir.glob("runs/synthscenes_hard_sharing/version_*/val_metrics.json"))
     assert len(val_files) == 1
     results = json.loads(val_files[0].read_text())["results"]
@@ -51,3 +53,49 @@ def test_unknown_task_is_refused_before_training(workdir: Path) -> None:
 def test_loss_weight_for_untrained_task_is_refused(workdir: Path) -> None:
     with pytest.raises(ValueError, match=r"loss_weights names task\(s\) \['sal'\] that are not trained"):
         instantiate(overrides=[*TINY, "--data.tasks", "[semseg]", "--model.loss_weights", "{sal: 2.0}"])
+
+
+def test_last_checkpoint_holds_the_final_model(workdir: Path) -> None:
+    """One epoch of 4 steps, a save every 3 steps: last.ckpt still holds step 4, and validating it
+    gives the numbers fit reported."""
+    fit = lightning_main(["fit", *TINY, "--trainer.max_steps", "4", "--trainer.callbacks.every_n_train_steps", "3"])
+    run = workdir / "runs" / "synthscenes_hard_sharing" / "version_0"
+    saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == fit.trainer.global_step == 4
+    for key, value in fit.model.state_dict().items():
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert not list((run / "checkpoints").glob(".*.tmp")), "written atomically, no temporary file left"
+    fit_report = json.loads((run / "val_metrics.json").read_text())
+    assert fit_report["step"] == 4
+
+    main(["validate", *TINY, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    validated = json.loads((workdir / "runs" / "synthscenes_hard_sharing" / "version_1" / "val_metrics.json").read_text())
+    for task, values in fit_report["results"].items():
+        for name, value in values.items():
+            assert validated["results"][task][name] == pytest.approx(value, abs=1e-6), f"{task}/{name}"
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_unless_allowed(workdir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=(
+        r"polytask fit --ckpt_path last: there is no last checkpoint to load \(ResumableCheckpoint searched "
+        r"runs/synthscenes_hard_sharing/\*/checkpoints/last\*\.ckpt\).*--allow_missing_last true"
+    )):
+        main(["fit", *TINY, "--ckpt_path", "last"])
+    assert not list(workdir.glob("runs/**/*.ckpt")), "nothing was trained"
+
+    with pytest.warns(UserWarning, match=r"--ckpt_path last: no last checkpoint .*going on without one"):
+        first = lightning_main(["fit", *TINY, "--ckpt_path", "last", "--allow_missing_last", "true"])
+    assert first.trainer.global_step == 3
+    resumed = lightning_main(["fit", *TINY, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    first_last = workdir / "runs" / "synthscenes_hard_sharing" / "version_0" / "checkpoints" / "last.ckpt"
+    assert Path(resumed.trainer.ckpt_path).resolve() == first_last.resolve()
+    assert resumed.trainer.global_step == 4
+
+
+def test_fit_without_validation_reports_no_sanity_check_numbers(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", *TINY])  # 3 steps of a 4-step epoch: only the sanity check validated (untrained weights)
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "val metrics (" not in out
+    assert "fit ran no validation (it stopped at step 3, before the first one" in out
+    assert "--ckpt_path runs/synthscenes_hard_sharing/version_0/checkpoints/last.ckpt" in out
+    assert not list(workdir.glob("runs/**/val_metrics.json"))

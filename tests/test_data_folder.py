@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import yaml
 from fixtures_data import Fixture, write_folder
+from PIL import Image
 
+from polytask.cli import lightning_main
 from polytask.data.folder import FolderDataModule
+from polytask.data.predict import ImageFolder
 from polytask.data.io import DataFileError
 from polytask.tasks import DepthTask, EdgeTask, NormalsTask, SegmentationTask
 
@@ -77,3 +80,23 @@ def test_bad_specs_are_clear_errors(tmp_path: Path, spec: dict, message: str) ->
 def test_missing_spec(tmp_path: Path) -> None:
     with pytest.raises(DataFileError, match=r"polytask\.yaml: file not found"):
         FolderDataModule(tmp_path)
+
+
+def test_predict_dir_replaces_the_predict_split(
+    folder: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """``polytask predict --config configs/data/folder.yaml --data.init_args.predict_dir photos`` predicts the photos."""
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(photos / name)
+    config = Path(__file__).resolve().parents[1] / "configs" / "data" / "folder.yaml"
+    cli = lightning_main([
+        "predict", "--config", str(config), "--data.init_args.root", str(folder.root),
+        "--data.init_args.predict_dir", str(photos), "--data.init_args.num_workers", "0",
+        "--model.net.init_args.backbone", "test_resnet", "--model.net.init_args.decoder_channels", "8",
+        "--model.net.init_args.head_channels", "4", "--trainer.logger", "false",
+    ])  # fmt: skip
+    assert isinstance(cli.datamodule.datasets["predict"], ImageFolder)
+    assert f"predicted 2 image(s) of {photos}; 0 refused" in capfd.readouterr().err

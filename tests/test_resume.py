@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import Dataset
 
+from polytask.cli import PolytaskCLI, config_cli
 from polytask.data.datamodule import ResumableLoader, ResumableSampler, SeededSamples
 from polytask.data.synthscenes import SynthScenes
-from polytask.training.checkpoint import check_plain, read_checkpoint
+from polytask.training.checkpoint import ResumableCheckpoint, check_plain, last_checkpoints, read_checkpoint
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS_PER_EPOCH = 8
 KILL_AT_STEP = 10
 TIMEOUT_S = 600
@@ -121,6 +128,71 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
         for name, value in values.items():
             assert metrics[1][task][name] == pytest.approx(value, abs=1e-6), f"{task}/{name}"
     assert first_dir.name < resumed_dir.name
+
+
+def documented_fit_commands() -> dict[str, tuple[str, ...]]:
+    """The configs of every ``polytask fit --config ...`` command in the comments of ``configs/*.yaml``
+    (overlays are documented layered on their base), plus the defaults alone."""
+    commands: dict[str, tuple[str, ...]] = {"defaults": ()}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            match = re.match(r"#\s+polytask fit\s+((?:--config \S+\s*)+)", line)
+            if match:
+                files = tuple(re.findall(r"--config (\S+)", match.group(1)))
+                commands[" + ".join(Path(f).stem for f in files)] = files
+    return commands
+
+
+COMMANDS = documented_fit_commands()
+
+
+class _ParseOnly(PolytaskCLI):
+    """Parses a config (over the defaults) and builds nothing: the networks of paper configs are large."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def _trainer_of(config: Any) -> pl.Trainer:
+    """A trainer with the loggers and callbacks of a parsed ``trainer`` config (what finds and writes ``last.ckpt``)."""
+    loggers = config.logger if isinstance(config.logger, list) else [config.logger]
+    return pl.Trainer(
+        logger=[instantiate_class((), logger.as_dict()) for logger in loggers],
+        callbacks=[instantiate_class((), callback.as_dict()) for callback in config.callbacks],
+        default_root_dir=config.default_root_dir,
+    )
+
+
+def test_every_config_is_covered_by_a_documented_fit_command() -> None:
+    covered = {Path(f).name for files in COMMANDS.values() for f in files}
+    assert covered >= {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_config_writes_last_periodically_and_resumes_from_it(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run of the config writes ``last.ckpt`` every N steps; a second run of the same
+    config (a new logger version) finds it with ``--ckpt_path last``."""
+    monkeypatch.chdir(tmp_path)
+    config = config_cli(_ParseOnly, [str(CONFIGS.parent / f) for f in COMMANDS[command]]).config.trainer
+    first = _trainer_of(config)
+    writers = [c for c in first.checkpoint_callbacks if isinstance(c, ResumableCheckpoint) and c.save_last]
+    assert len(writers) == 1, f"{command}: needs one ResumableCheckpoint with save_last: true"
+    (writer,) = writers
+    assert writer._every_n_train_steps > 0 or writer._train_time_interval is not None, (
+        f"{command}: the ResumableCheckpoint writes last.ckpt only at the end (set every_n_train_steps)"
+    )
+    assert all(not isinstance(c, ModelCheckpoint) or c is writer or not c.save_last for c in first.checkpoint_callbacks)
+    assert last_checkpoints(first) == []
+
+    writer.setup(first, None, "fit")  # resolves the folder of the first run, as fit does
+    last = Path(writer.format_checkpoint_name({}, writer.CHECKPOINT_NAME_LAST))
+    last.parent.mkdir(parents=True)
+    last.touch()
+    second = _trainer_of(config)
+    assert [Path(p).resolve() for p in last_checkpoints(second)] == [last.resolve()]
 
 
 class _Noise(Dataset):

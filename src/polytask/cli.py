@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from polytask.data.datamodule import MultiTaskDataModule
+from polytask.training.checkpoint import describe_last_search, last_checkpoints
 from polytask.training.module import MultiTaskModule
 
 DEFAULT_CONFIG = str(resources.files("polytask") / "default.yaml")
@@ -19,13 +21,60 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 class PolytaskCLI(LightningCLI):
-    """LightningCLI whose model receives the datamodule's tasks and default loss weights."""
+    """LightningCLI whose model receives the datamodule's tasks and default loss weights, and whose
+    ``--ckpt_path last`` stops when there is no last checkpoint (unless ``--allow_missing_last true``)."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data", "model.init_args.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
         parser.link_arguments(
             "data", "model.init_args.default_loss_weights", compute_fn=lambda dm: dm.loss_weights, apply_on="instantiate"
         )
+        parser.add_argument(
+            "--allow_missing_last",
+            type=bool,
+            default=False,
+            help="With --ckpt_path last: when no last checkpoint exists, go on without one (fit: train from scratch) "
+            "with a warning instead of stopping with an error.",
+        )
+
+    def before_fit(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
+        self.check_last_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
+        self.check_last_checkpoint("validate")
+
+    def before_test(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
+        self.check_last_checkpoint("test")
+
+    def before_predict(self) -> None:
+        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
+        self.check_last_checkpoint("predict")
+
+    def check_last_checkpoint(self, subcommand: str) -> None:
+        """With ``--ckpt_path last``, make sure there is a last checkpoint to load.
+
+        Lightning only warns when ``ckpt_path="last"`` finds nothing and then trains from scratch
+        (or evaluates untrained weights). Here that is an error, unless ``--allow_missing_last
+        true``: then ``ckpt_path`` is dropped with a warning.
+
+        Raises:
+            FileNotFoundError: no last checkpoint, naming where the checkpoint callbacks looked.
+        """
+        config = self.config[subcommand]
+        if config.get("ckpt_path") != "last" or last_checkpoints(self.trainer):
+            return
+        where = describe_last_search(self.trainer)
+        if not config.get("allow_missing_last"):
+            raise FileNotFoundError(
+                f"polytask {subcommand} --ckpt_path last: there is no last checkpoint to load ({where}). "
+                "Leave out --ckpt_path to start a new run, give the checkpoint file, or add "
+                "--allow_missing_last true to go on without a checkpoint when there is none."
+            )
+        rank_zero_warn(f"--ckpt_path last: no last checkpoint ({where}); going on without one (--allow_missing_last true)")
+        self.config_init[subcommand]["ckpt_path"] = None
 
 
 def with_defaults(args: Sequence[str]) -> list[str]:

@@ -289,9 +289,13 @@ class FileDataModule(MultiTaskDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets of ``stage`` and run the quick check on each (see ``on_bad_samples``)."""
+        """Build the datasets of ``stage`` and run the quick check on each (see ``on_bad_samples``).
+
+        With ``predict_dir`` set, the dataset's predict split is neither built nor checked: predict
+        runs on that folder's images (:meth:`MultiTaskDataModule.predict_dataloader`).
+        """
         for split in _STAGE_SPLITS[stage]:
-            if split in self.datasets:
+            if split in self.datasets or (split == "predict" and self.predict_dir is not None):
                 continue
             dataset = self.make_dataset(split)
             disk_split = self.stage_splits[split]

@@ -6,8 +6,9 @@
   file intact. Every checkpoint is read with ``torch.load(weights_only=True)``, which refuses
   pickled Python objects (code execution), and is checked before writing to hold only tensors
   and plain values, so it can always be read back that way.
-* :class:`ResumableCheckpoint` is Lightning's ``ModelCheckpoint`` whose ``ckpt_path="last"``
-  also finds the ``last.ckpt`` of earlier runs (earlier logger versions).
+* :class:`ResumableCheckpoint` is Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` holds the
+  final model and whose ``ckpt_path="last"`` also finds the ``last.ckpt`` of earlier runs (earlier
+  logger versions); :func:`last_checkpoints` lists what ``ckpt_path="last"`` can resume from.
 * :func:`state_dict_mismatch` lists what differs between a checkpoint and a model;
   :class:`CheckpointMismatchError` reports it with the configs involved.
 * :func:`export_safetensors`, :func:`load_weights` and :func:`export_main` (``polytask export``)
@@ -35,7 +36,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
@@ -191,12 +193,20 @@ def _is_remote(path: str | Path) -> bool:
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``ckpt_path="last"`` looks in every version of the run's logger.
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the final model and is found again by
+    ``ckpt_path="last"`` in every version of the run's logger.
 
-    Lightning's ``ModelCheckpoint`` looks for ``last.ckpt`` only in the checkpoint folder of the
-    *new* logger version, so ``polytask fit --ckpt_path last`` would silently start from scratch.
-    When no ``dirpath`` is given, this callback also searches
-    ``<logger save_dir>/<logger name>/*/checkpoints`` and Lightning resumes from the newest.
+    * **Found again.** Lightning's ``ModelCheckpoint`` looks for ``last.ckpt`` only in the
+      checkpoint folder of the *new* logger version, so ``polytask fit --ckpt_path last`` would
+      silently start from scratch. When no ``dirpath`` is given, this callback also searches
+      ``<logger save_dir>/<logger name>/*/checkpoints`` (:meth:`runs_root`) and Lightning
+      resumes from the newest.
+    * **The final model.** Lightning writes ``last.ckpt`` when training ends only if it saved
+      nothing earlier, so the steps after the last periodic save (``every_n_train_steps``) were
+      missing from it. With ``save_last``, this callback writes it when training ends whenever the
+      final step is not saved yet (through the trainer's ``CheckpointIO``: atomically with
+      :class:`AtomicCheckpointIO`).
+
     Takes the arguments of ``ModelCheckpoint``.
     """
 
@@ -204,15 +214,59 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._fixed_dirpath = self.dirpath is not None
 
+    def runs_root(self, trainer: Any) -> Path | None:
+        """The folder of the logger's versions, ``<save_dir>/<name>``, whose ``*/checkpoints`` are searched
+        for ``last.ckpt`` besides the new run's own folder (``None`` with a fixed ``dirpath`` or no logger)."""
+        if self._fixed_dirpath or not trainer.loggers:
+            return None
+        logger = trainer.loggers[0]
+        return Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
-        if self._fixed_dirpath or not trainer.loggers:
+        root = self.runs_root(trainer)
+        if root is None:
             return found
-        logger = trainer.loggers[0]
-        root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
         pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-\d+)?{re.escape(self.FILE_EXTENSION)}$")
         found.update(os.path.normpath(p) for p in root.glob("*/checkpoints/*") if pattern.match(p.name))
         return found
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Write ``last.ckpt`` at the final step unless a save of that step happened already."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def last_checkpoints(trainer: Any) -> list[str]:
+    """The existing files among which ``ckpt_path="last"`` chooses (Lightning takes the newest).
+
+    The candidates are Lightning's own: the ``last*.ckpt`` files that the trainer's
+    ``ModelCheckpoint`` callbacks find (see :class:`ResumableCheckpoint`) and the files of its
+    ``OnExceptionCheckpoint`` callbacks.
+    """
+    candidates = {getattr(c, "ckpt_path", None) for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            candidates |= callback._find_last_checkpoints(trainer)
+    return sorted(p for p in candidates if p and get_filesystem(p).exists(p))
+
+
+def describe_last_search(trainer: Any) -> str:
+    """Where ``ckpt_path="last"`` looks, in words, for an error message."""
+    places = []
+    for callback in trainer.checkpoint_callbacks:
+        root = callback.runs_root(trainer) if isinstance(callback, ResumableCheckpoint) else None
+        if root is not None:
+            places.append(f"{type(callback).__name__} searched {root}/*/checkpoints/last*.ckpt")
+        elif isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            places.append(f"{type(callback).__name__} searched {callback.dirpath}")
+        elif isinstance(callback, ModelCheckpoint):
+            places.append(
+                f"{type(callback).__name__} searched only the new run's own folder; "
+                "use polytask.training.checkpoint.ResumableCheckpoint to search earlier runs"
+            )
+    return "; ".join(places) or "no checkpoint callback in trainer.callbacks"
 
 
 def state_dict_mismatch(
