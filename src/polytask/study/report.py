@@ -98,6 +98,11 @@ def _mean_std_text(values: Sequence[float], digits: int = 4) -> str:
     return f"{mean:.{digits}g}" if math.isnan(std) else f"{mean:.{digits}g} ± {std:.2g}"
 
 
+def _seconds_text(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.0f}" if math.isnan(std) else f"{mean:.0f} ± {std:.0f}"
+
+
 def delta_table(results: StudyResults) -> list[str]:
     """Markdown rows: Delta_m of each arm against the reference with its paired statistics."""
     ref = results.study["reference"]
@@ -143,8 +148,8 @@ def cost_table(results: StudyResults) -> list[str]:
         params = records[0].get("params", {})
         lines.append(
             f"| {name} | {len(records)} of {total} | {params.get('learnable', 0):,} | {params.get('frozen', 0):,} "
-            f"| {records[0].get('global_step', '–')} | {_mean_std_text([r['wall_s'] for r in records], 3)} "
-            f"| {_mean_std_text([r['cpu_s'] for r in records], 3)} |"
+            f"| {records[0].get('global_step', '–')} | {_seconds_text([r['wall_s'] for r in records])} "
+            f"| {_seconds_text([r['cpu_s'] for r in records])} |"
         )
     return lines
 
