@@ -236,6 +236,7 @@ def write_report(study_dir: Path) -> Path:
     commits = sorted({f"{r.get('commit') or 'unknown'}{' (dirty)' if r.get('dirty') else ''}" for r in records})
     machines = sorted({f"{r['machine']['processor']}, {r['machine']['cpus']} CPUs, {r['threads']} threads/run"
                        for r in records if "machine" in r})
+    status = _status_lines(results)
     lines = [
         f"# Study `{study['name']}`",
         "",
@@ -247,7 +248,7 @@ def write_report(study_dir: Path) -> Path:
         f"Runs finished: {len(records)} of {len(study['seeds']) * len(study['arms'])}; total wall time "
         f"{sum(r['wall_s'] for r in records) / 60:.1f} min, CPU time {sum(r['cpu_s'] for r in records) / 60:.1f} min. "
         f"Code: {', '.join(commits)}. Machine: {'; '.join(machines)}.",
-        *(["", *_status_lines(results)] if _status_lines(results) else []),
+        *(["", *status] if status else []),
         "",
         "## Δm against the reference, paired by seed",
         "",
