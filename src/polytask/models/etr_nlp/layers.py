@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions, mix_groups
+from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions, PointwiseMix, mix_groups, pointwise_blocks
 from polytask.models.etr_nlp.primitives import derive_seed
 from polytask.models.etr_nlp.router import TaskRouter, blocks_to_channels, channels_to_blocks
 
@@ -117,7 +117,7 @@ class RoutedConv(nn.Module):
             k = len(self.shared.primitives)
             groups = mix_groups(in_channels, self.task_channels, nlp.groups)
             self.task_convs = nn.ModuleList(
-                nn.Conv2d(k * in_channels, self.task_channels, 1, groups=groups, bias=bias) for _ in range(router.num_tasks)
+                PointwiseMix(k * in_channels, self.task_channels, groups, bias) for _ in range(router.num_tasks)
             )
         elif self.task_channels:
             self.task_convs = nn.ModuleList(
@@ -165,18 +165,55 @@ class RoutedConv(nn.Module):
         if len(tasks) == 1:
             return self.task_convs[tasks[0]](x)
         convs = [self.task_convs[t] for t in tasks]
+        if self.task_branch == "nlp":
+            mixes: list[PointwiseMix] = convs  # type: ignore[assignment]
+            weight = torch.stack([m.grouped_weight() for m in mixes])
+            bias = torch.stack([m.bias for m in mixes]) if mixes[0].bias is not None else None  # type: ignore[misc]
+            return pointwise_blocks(x, weight, bias)
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
         first, n = convs[0], len(tasks)
         y = F.conv2d(blocks_to_channels(x, n), weight, bias, first.stride, first.padding, first.dilation, n * first.groups)
         return channels_to_blocks(y, n)
 
+    def joint_mix(self, responses: torch.Tensor) -> torch.Tensor:
+        """Shared and task mixes of equal groups as one matrix product per image, task block and group.
+
+        Each group's shared and task weights are stacked into one ``(C_s / g + C_t / g) x (k C_in / g)``
+        matrix, so the responses are read once forward and their gradient written once backward
+        (two separate mixes cost a second pass and a sum over a tensor ``k`` times the layer input).
+
+        Args:
+            responses: ``(n B, k C_in, H', W')``, the shared block's primitive responses.
+
+        Returns:
+            ``(n B, C_out, H', W')``, shared channels first, as the two separate mixes give.
+        """
+        assert isinstance(self.shared, NLPBlock) and self.task_convs is not None
+        tasks = self.router.active
+        shared = self.shared.mix
+        mixes: list[PointwiseMix] = [self.task_convs[t] for t in tasks]  # type: ignore[misc]
+        n, g = len(tasks), shared.groups
+        task_weight = torch.stack([m.grouped_weight() for m in mixes])
+        weight = torch.cat([shared.grouped_weight().expand(n, -1, -1, -1), task_weight], dim=2)
+        y = pointwise_blocks(responses, weight, None)
+        nb, _, h, w = y.shape
+        y_shared, y_task = y.view(nb, g, -1, h, w).split([self.shared_channels // g, self.task_channels // g], dim=2)
+        y = torch.cat([y_shared.reshape(nb, self.shared_channels, h, w), y_task.reshape(nb, self.task_channels, h, w)], dim=1)
+        if shared.bias is None:
+            return y
+        task_bias = torch.stack([m.bias for m in mixes])  # type: ignore[misc]
+        bias = torch.cat([shared.bias.expand(n, -1), task_bias], dim=1).to(y.dtype)
+        return (y.view(n, nb // n, -1, h * w) + bias.view(n, 1, -1, 1)).view(nb, -1, h, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C_in, H, W)`` -> ``(n B, C_out, ceil(H / s), ceil(W / s))``: shared channels first."""
-        if self.task_branch == "nlp" and self.task_convs is not None:
-            assert isinstance(self.shared, NLPBlock)
+        if isinstance(self.shared, NLPBlock) and self.task_convs is not None:
             responses = self.shared.responses(x)
-            return torch.cat([self.shared.mix(responses), self.task_forward(responses)], dim=1)
+            if self.task_branch == "nlp" and self.shared.mix.groups == self.task_convs[0].groups:
+                return self.joint_mix(responses)
+            shared = self.shared.mix.forward_blocks(responses, len(self.router.active))
+            return torch.cat([shared, self.task_forward(responses if self.task_branch == "nlp" else x)], dim=1)
         parts = []
         if self.shared is not None:
             parts.append(self.shared(x))

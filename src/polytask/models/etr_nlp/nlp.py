@@ -42,6 +42,73 @@ class NLPOptions:
             raise ValueError(f"groups must be >= 1 or None, got {self.groups}")
 
 
+class PointwiseMix(nn.Conv2d):
+    """A grouped 1x1 convolution computed as ``g`` matrix products per image.
+
+    The parameters and their initialisation are ``nn.Conv2d``'s (``weight`` ``(C_out, C_in / g,
+    1, 1)``); only the arithmetic differs: one batched matrix product, whose backward is also
+    matrix products, where oneDNN's grouped-convolution backward is many times slower than its
+    forward on CPU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias)
+
+    def grouped_weight(self) -> torch.Tensor:
+        """The weight as ``(g, C_out / g, C_in / g)`` matrices."""
+        g = self.groups
+        return self.weight.view(g, self.out_channels // g, self.in_channels // g)
+
+    def forward_blocks(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The mix of ``x`` taken as ``blocks`` equal batch blocks: ``(n B, C_in, H, W)`` -> ``(n B, C_out, H, W)``.
+
+        Each block is computed as if it came alone (:func:`pointwise_blocks`), so a task's
+        images get the same result whether other tasks' blocks are stacked with them or not.
+        """
+        weight = self.grouped_weight().unsqueeze(0).expand(blocks, -1, -1, -1)
+        bias = None if self.bias is None else self.bias.unsqueeze(0).expand(blocks, -1)
+        return pointwise_blocks(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C_in, H, W)`` -> ``(N, C_out, H, W)``."""
+        return self.forward_blocks(x, 1)
+
+
+def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A grouped 1x1 convolution per batch block: block ``i`` of ``x`` through ``weight[i]``.
+
+    Args:
+        x: ``(n B, g I, H, W)``: ``n`` blocks of ``B`` images.
+        weight: ``(n, g, O, I)``: ``g`` groups of ``O x I`` matrices per block.
+        bias: ``(n, g O)`` or ``None``.
+
+    Returns:
+        ``(n B, g O, H, W)``, output channel ``j O + o`` from group ``j``.
+
+    Large maps (``H W >= O I / (O + I)``) take one ``O x I`` by ``I x H W`` product per image
+    and group, reading ``x`` in place; small maps put the images side by side, one
+    ``O x I`` by ``I x B H W`` product per block and group (rather than copying the weight
+    for every image). The choice depends on the shapes of one image only, and each block is
+    its own products, so a block's result does not depend on the other blocks.
+    """
+    n, g, o, i = weight.shape
+    nb, _, h, w = x.shape
+    b, weight = nb // n, weight.to(x.dtype)
+    if h * w * (o + i) >= o * i:
+        y = torch.matmul(weight.unsqueeze(1), x.reshape(n, b, g, i, h * w))
+    else:
+        # one product per block on fresh (aligned) copies: the matrix kernels may sum in another
+        # order for a batch of blocks or for operands at another memory alignment
+        blocks = [
+            torch.matmul(weight[k].clone(), x[k * b : (k + 1) * b].reshape(b, g, i, h * w).permute(1, 2, 0, 3).reshape(g, i, -1))
+            for k in range(n)
+        ]
+        y = torch.stack(blocks).view(n, g, o, b, h * w).permute(0, 3, 1, 2, 4)
+    if bias is not None:
+        y = y + bias.to(x.dtype).view(n, 1, g, o, 1)
+    return y.reshape(nb, g * o, h, w)
+
+
 def mix_groups(in_channels: int, out_channels: int, groups: int | None) -> int:
     """Groups of the 1x1 mix from ``C_in`` inputs (k responses each) to ``out_channels`` (see :class:`NLPOptions`)."""
     limit = math.gcd(in_channels, out_channels)
@@ -87,7 +154,7 @@ class NLPBlock(nn.Module):
             for i, name in enumerate(primitives)
         )
         k = len(self.primitives)
-        self.mix = nn.Conv2d(k * in_channels, out_channels, 1, groups=mix_groups(in_channels, out_channels, groups), bias=bias)
+        self.mix = PointwiseMix(k * in_channels, out_channels, mix_groups(in_channels, out_channels, groups), bias)
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
         """Shuffled frozen responses: ``(N, C_in, H, W)`` -> ``(N, k C_in, ceil(H / s), ceil(W / s))``.

@@ -137,10 +137,20 @@ class FixedPool(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` -> ``(N, C, ceil(H / s), ceil(W / s))``."""
-        if self.mode == "avg":
-            return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
-        return F.max_pool2d(x, 3, self.stride, 1)
+        """``(N, C, H, W)`` -> ``(N, C, ceil(H / s), ceil(W / s))``.
+
+        Both poolings avoid PyTorch's NCHW pooling kernels, which run several times slower on
+        CPU at stride 1 than the equivalent below (``benchmarks/RESULTS.md``): the maximum runs
+        in channels-last memory (where the kernel vectorises over channels; same values), the
+        average is a depthwise 3x3 convolution of ones divided by the number of valid pixels
+        (equal to ``avg_pool2d(..., count_include_pad=False)`` up to float rounding).
+        """
+        if self.mode == "max":
+            return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, self.stride, 1)
+        channels, (height, width) = x.shape[1], x.shape[-2:]
+        total = F.conv2d(x, x.new_ones(channels, 1, 3, 3), None, self.stride, 1, 1, channels)
+        count = F.conv2d(x.new_ones(1, 1, height, width), x.new_ones(1, 1, 3, 3), None, self.stride, 1)
+        return total / count
 
 
 class StridedIdentity(nn.Module):
