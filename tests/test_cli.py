@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytask.cli import instantiate, lightning_main, main
+from polytask.cli import LIGHTNING_COMMANDS, TOOLS, instantiate, lightning_main, main
 from polytask.training.checkpoint import read_checkpoint
 
 TINY = [
@@ -99,3 +99,21 @@ def test_fit_without_validation_reports_no_sanity_check_numbers(workdir: Path, c
     assert "fit ran no validation (it stopped at step 3, before the first one" in out
     assert "--ckpt_path runs/synthscenes_hard_sharing/version_0/checkpoints/last.ckpt" in out
     assert not list(workdir.glob("runs/**/val_metrics.json"))
+
+
+def test_top_level_help_lists_every_command_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in ([], ["--help"], ["-h"]):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("polytask: ")
+        listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+        assert set(listed) == set(LIGHTNING_COMMANDS) | set(TOOLS)
+        assert all(len(line.split()) > 2 for line in listed.values())  # a summary after each name
+    assert "paired multi-seed comparisons" in out
+
+
+@pytest.mark.parametrize(("typo", "suggestion"), [("fitt", "fit"), ("sumary", "summary"), ("evalute", "evaluate")])
+def test_a_mistyped_command_suggests_the_closest_one(typo: str, suggestion: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([typo]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown command '{typo}'; did you mean '{suggestion}'?" in err

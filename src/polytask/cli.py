@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -195,10 +196,50 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+LIGHTNING_SUMMARIES: dict[str, str] = {
+    "fit": "train a model (no arguments: the main job, on the embedded SynthScenes data)",
+    "validate": "score weights on the validation split",
+    "test": "score weights on the test split",
+    "predict": "write predictions for a split or a folder of images",
+}
+
+
+def command_summaries() -> dict[str, str]:
+    """Every ``polytask`` command with its one-line summary (Lightning's, then the tools')."""
+    tools = {name: (tool.__doc__ or "").split(": ", 1)[-1].strip().rstrip(".") for name, tool in TOOLS.items()}
+    return {**LIGHTNING_SUMMARIES, **tools}
+
+
+def usage() -> str:
+    """The top-level help: every command, one line each."""
+    summaries = command_summaries()
+    width = max(map(len, summaries))
+    lines = [
+        "polytask: multi-task scene understanding (TaskExpert, ETR-NLP and their baselines)",
+        "",
+        "usage: polytask COMMAND [options]",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {summary}" for name, summary in summaries.items()),
+        "",
+        "polytask COMMAND --help lists a command's options; fit/validate/test/predict take --config FILE",
+        "and any config key as --key value (polytask fit --print_config shows the resolved config).",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polytask`` console command."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in TOOLS:
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if args[0] in TOOLS:
         return TOOLS[args[0]](args[1:])
+    if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+        close = difflib.get_close_matches(args[0], list(command_summaries()), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"polytask: unknown command '{args[0]}'{hint} (polytask --help lists them)", file=sys.stderr)
+        return 2
     lightning_main(args)
     return 0
