@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from polytask.data.datamodule import MultiTaskDataModule
+from polytask.preflight import PreflightError, preflight
 from polytask.training.checkpoint import describe_last_search, last_checkpoints
 from polytask.training.module import MultiTaskModule
 
@@ -24,6 +25,11 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 class PolytaskCLI(LightningCLI):
     """LightningCLI whose model receives the datamodule's tasks and default loss weights, and whose
     ``--ckpt_path last`` stops when there is no last checkpoint (unless ``--allow_missing_last true``)."""
+
+    def before_instantiate_classes(self) -> None:
+        """Check the data and the pretrained weights of the command's config before building them."""
+        if self.subcommand is not None:
+            preflight(self.config[self.subcommand], self.subcommand)
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data", "model.init_args.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
@@ -241,5 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"polytask: unknown command '{args[0]}'{hint} (polytask --help lists them)", file=sys.stderr)
         return 2
-    lightning_main(args)
+    try:
+        lightning_main(args)
+    except PreflightError as err:
+        print(err, file=sys.stderr)
+        return 2
     return 0

@@ -283,6 +283,22 @@ class FileDataModule(MultiTaskDataModule):
         """Files besides the samples' own that define ``split`` (split lists, label tables)."""
         return []
 
+    def preflight(self, stage: str | None) -> list[str]:
+        """The splits ``stage`` reads that cannot be listed under ``root`` (see :meth:`MultiTaskDataModule.preflight`)."""
+        problems = []
+        for split in _STAGE_SPLITS[stage]:
+            if split == "predict" and self.predict_dir is not None:
+                continue
+            disk_split = self.stage_splits[split]
+            try:
+                self.build_split(disk_split, self.tasks)
+            except DataFileError as err:
+                problems.append(
+                    f"{self.name} split {disk_split!r}: {err.path}: {err.detail} "
+                    f"(the dataset root is {self.root}; point --data.init_args.root at the dataset directory)"
+                )
+        return list(dict.fromkeys(problems))
+
     def make_dataset(self, split: str) -> FileDataset:
         dataset = self.build_split(self.stage_splits[split], self.tasks)
         dataset.transform = self.make_transform(split)

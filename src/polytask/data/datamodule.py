@@ -222,6 +222,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """The dataset's default loss weight of every task it carries."""
         raise NotImplementedError
 
+    def preflight(self, stage: str | None) -> list[str]:
+        """Problems that would stop ``stage`` (``fit``, ``validate``, ``test``, ``predict``) before any
+        model is built: one sentence each, naming the file and the option that fixes it. Cheap
+        (no sample is decoded); the default finds none."""
+        return []
+
     def make_dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (``train``, ``val``, ``test``, ``predict``) restricted to ``self.task_names``."""
         raise NotImplementedError

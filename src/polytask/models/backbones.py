@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+import huggingface_hub
 import timm
 import torch
 from torch import nn
@@ -40,10 +43,55 @@ def create_timm_model(
             raise
         raise PretrainedWeightsError(
             f"could not load pretrained weights for timm model {name!r}: {err}\n"
-            "To run offline: set `pretrained: false` in the backbone options, or download the weights on a "
-            "connected machine (they are cached under $HF_HOME, default ~/.cache/huggingface) and copy the cache "
-            "here with HF_HUB_OFFLINE=1 set, or pass `pretrained_file: /path/to/weights.safetensors`."
+            f"{OFFLINE_HINT}"
         ) from err
+
+
+OFFLINE_HINT = (
+    "To run offline: --model.init_args.net.init_args.pretrained false (random initialisation), or "
+    "--model.init_args.net.init_args.pretrained_file /path/to/weights.safetensors (a local file), or copy "
+    "the Hugging Face cache of a connected machine (default ~/.cache/huggingface, $HF_HOME) here and set HF_HUB_OFFLINE=1."
+)
+"""How to run a pretrained config without network access (docs/reliability.md, "Offline")."""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def pretrained_weights_problem(name: str) -> str | None:
+    """Why timm's pretrained weights of model ``name`` cannot be loaded on this machine, or ``None``.
+
+    ``None`` when the weights are in the Hugging Face or torch hub cache, or when the Hub can be
+    reached (a 3-second connection test; never with ``HF_HUB_OFFLINE=1``), or when timm knows no
+    pretrained weights for ``name`` (building the model reports that).
+    """
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if filename and isinstance(huggingface_hub.try_to_load_from_cache(repo, filename), str):
+                return None
+    if cfg.url and (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file():
+        return None
+    if _hub_reachable():
+        return None
+    return (
+        f"the pretrained weights of timm model {name!r} are not in the local caches "
+        f"(Hugging Face: {huggingface_hub.constants.HF_HUB_CACHE}; torch hub: {torch.hub.get_dir()}) "
+        "and huggingface.co cannot be reached"
+    )
 
 
 class TimmBackbone(nn.Module):
