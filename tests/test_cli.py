@@ -117,3 +117,20 @@ def test_a_mistyped_command_suggests_the_closest_one(typo: str, suggestion: str,
     assert main([typo]) == 2
     err = capsys.readouterr().err
     assert f"unknown command '{typo}'; did you mean '{suggestion}'?" in err
+
+
+def test_model_summary_counts_the_networks_flops_at_the_training_resolution(workdir: Path) -> None:
+    from types import SimpleNamespace
+
+    from polytask.summary import count_flops
+    from polytask.training.model_summary import NetFlopsRichModelSummary
+
+    cli = instantiate([], TINY)
+    summaries = [c for c in cli.trainer.callbacks if "ModelSummary" in type(c).__name__]
+    assert [type(c) for c in summaries] == [NetFlopsRichModelSummary]  # in place of Lightning's, which printed 0
+    trainer = SimpleNamespace(strategy=cli.trainer.strategy, datamodule=cli.datamodule)
+    summary = summaries[0]._summary(trainer, cli.model)
+    expected = count_flops(cli.model.net, (32, 48))
+    assert expected > 0 and summary.total_flops == expected
+    assert dict(zip(summary.layer_names, summary.param_nums))["net"] > 0
+    assert sum(summary.flop_counts["net"].values()) == expected  # the table's per-layer column too

@@ -6,14 +6,17 @@ import difflib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from importlib import resources
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.preflight import PreflightError, preflight
 from polytask.training.checkpoint import describe_last_search, last_checkpoints
+from polytask.training.model_summary import with_net_flops
 from polytask.training.module import MultiTaskModule
 
 DEFAULT_CONFIG = str(resources.files("polytask") / "default.yaml")
@@ -25,6 +28,12 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 class PolytaskCLI(LightningCLI):
     """LightningCLI whose model receives the datamodule's tasks and default loss weights, and whose
     ``--ckpt_path last`` stops when there is no last checkpoint (unless ``--allow_missing_last true``)."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, its model summary replaced by one that counts the network's FLOPs."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks[:] = [with_net_flops(callback) for callback in trainer.callbacks]
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Check the data and the pretrained weights of the command's config before building them."""

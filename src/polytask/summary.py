@@ -44,8 +44,8 @@ class ModelSummary:
         }
 
 
-def count_flops(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) -> int:
-    """Forward FLOPs of ``net`` on a zero batch ``(batch_size, 3, H, W)`` (per batch).
+def flop_counter(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) -> FlopCounterMode:
+    """A FLOP counter that has seen ``net``'s forward on a zero batch ``(batch_size, 3, H, W)``.
 
     Attention runs through PyTorch's math backend here: the fused CPU attention kernel is
     invisible to the FLOP counter, so its matmuls would otherwise be missed.
@@ -58,7 +58,22 @@ def count_flops(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) 
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(images)
     net.train(was_training)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def count_flops(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) -> int:
+    """Forward FLOPs of ``net`` on a zero batch ``(batch_size, 3, H, W)`` (per batch), see :func:`flop_counter`."""
+    return int(flop_counter(net, image_size, batch_size).get_total_flops())
+
+
+def training_resolution(net: object, datamodule: object) -> tuple[int, int] | None:
+    """The ``(H, W)`` a config trains at: the network's ``image_size``, else the datamodule's
+    ``image_size`` or ``train_size``; None when neither says."""
+    for owner, attr in ((net, "image_size"), (datamodule, "image_size"), (datamodule, "train_size")):
+        size = getattr(owner, attr, None)
+        if size is not None:
+            return int(size[0]), int(size[1])
+    return None
 
 
 def summarize(net: nn.Module, image_size: Sequence[int]) -> ModelSummary:

@@ -8,17 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from polytask.summary import ModelSummary, summarize
-
-
-def training_resolution(net: object, datamodule: object) -> tuple[int, int] | None:
-    """The ``(H, W)`` a config trains at: the network's ``image_size``, else the datamodule's
-    ``image_size`` or ``train_size``; None when neither says."""
-    for owner, attr in ((net, "image_size"), (datamodule, "image_size"), (datamodule, "train_size")):
-        size = getattr(owner, attr, None)
-        if size is not None:
-            return int(size[0]), int(size[1])
-    return None
+from polytask.summary import ModelSummary, summarize, training_resolution
 
 
 def format_summary(summary: ModelSummary, name: str) -> str:
