@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,16 @@ def test_interleaved_timing_without_warmup_drops_a_variant_that_fails() -> None:
     bad = Variant("bare", "fp32", False, "train", lambda: None, failing)
     times, failed = time_interleaved([ok, bad], warmup=0, repeats=2, device=torch.device("cpu"))
     assert list(times) == [ok.key] and len(times[ok.key]) == 2 and failed == {bad.key: "RuntimeError: boom"}
+
+
+def test_bench_profile_on_cpu_prints_no_gpu_probing_errors(workdir: Path) -> None:
+    """The profiler's library logs "gpuGetDeviceCount failed" on CPU-only machines unless bench quiets it."""
+    config = REPO / "configs" / "hard_sharing_synthscenes_etr.yaml"
+    args = ["--config", str(config), "--steps", "1", "--warmup", "1", "--modes", "fp32", "--threads", "1",
+            "--device", "cpu", "--loader-batches", "0", "--profile", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    polytask = Path(sys.executable).parent / "polytask"
+    done = subprocess.run([str(polytask), "bench", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "aten::" in done.stdout  # the profile ran
+    assert "gpuGetDeviceCount" not in done.stderr + done.stdout

@@ -1024,6 +1024,8 @@ def bench_main(args: Sequence[str]) -> int:
         absent files even to tell its tasks; the reason is printed and is the JSON's ``skipped.bench``).
     """
     args = list(args)
+    # the profiler's library (Kineto) logs GPU probing errors on CPU-only machines; a user's own level wins
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     split = args.index("--") if "--" in args else len(args)
     options = _parser().parse_args(args[:split])
     overrides = args[split + 1 :]
