@@ -38,7 +38,9 @@ def data_problems(data: Mapping[str, Any], stage: str) -> list[str]:
         datamodule = _import(data["class_path"])(**_plain(data.get("init_args")))
     except DataFileError as err:
         return [f"{err.path}: {err.detail} (point --data.init_args.root at the dataset directory)"]
-    return datamodule.preflight(stage)
+    except Exception:  # noqa: BLE001 - any other error is raised, with its own message, when the CLI builds the datamodule
+        return []
+    return datamodule.preflight(stage) if hasattr(datamodule, "preflight") else []
 
 
 def weights_problems(net: Mapping[str, Any]) -> list[str]:
