@@ -74,7 +74,7 @@ def test_pretrained_offline_error_says_how_to_run_offline(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(PretrainedWeightsError, match="pretrained: false") as info:
+    with pytest.raises(PretrainedWeightsError, match="--model.init_args.net.init_args.pretrained false") as info:
         TimmBackbone("resnet18", pretrained=True)
     assert "resnet18" in str(info.value)
     with pytest.raises(PretrainedWeightsError, match="missing.safetensors"):
