@@ -391,6 +391,32 @@ def test_summary_and_experts_commands_on_the_synthscenes_config(tmp_path: Path) 
     assert figure.stat().st_size > 0
 
 
+def test_experts_command_loads_weights_and_images_like_every_other_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from polytask.training.checkpoint import CheckpointMismatchError
+
+    data = ["--data.init_args.num_train=2", "--data.init_args.num_val=2", f"--data.init_args.cache_dir={tmp_path}"]
+    figure = tmp_path / "experts.png"
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
+    assert expert_usage_main(["--config", SYNTH_CONFIG, "--image", str(photo), "--out", str(figure), *data]) == 0
+    assert figure.stat().st_size > 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    for image, reason in ((broken, "not an image PIL can read"), (tmp_path / "missing.png", "no such file")):
+        with pytest.raises(SystemExit):
+            expert_usage_main(["--config", SYNTH_CONFIG, "--image", str(image), "--out", str(figure), *data])
+        assert f"--image {image}: {reason}" in capsys.readouterr().err
+    wrong = tmp_path / "other_model.safetensors"
+    save_file({"backbone.weight": torch.zeros(2)}, str(wrong))
+    with pytest.raises(CheckpointMismatchError, match="other_model.safetensors"):
+        expert_usage_main(["--config", SYNTH_CONFIG, "--ckpt_path", str(wrong), "--index", "0", "--out", str(figure), *data])
+
+
 
 class _Attention(torch.nn.Module):
     """Pixels as tokens (L = H W), projected to width 64 (one head) and attending to themselves."""

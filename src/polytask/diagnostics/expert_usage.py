@@ -281,15 +281,20 @@ def _denormalize(image: torch.Tensor) -> np.ndarray:
 
 
 def _load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """An image file resized to ``size`` ``(H, W)`` and normalised: ``(3, H, W)``."""
+    """An image file resized to ``size`` ``(H, W)`` and normalised as in training: ``(3, H, W)``.
+
+    Raises:
+        BadImageError: the file is missing, not an image, or unusable (the reason is named).
+    """
     from PIL import Image
 
-    from polytask.data.synthscenes import IMAGENET_MEAN, IMAGENET_STD
+    from polytask.data.predict import BadImageError, load_image, normalise
 
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32) / 255.0
-    image = torch.from_numpy(rgb).permute(2, 0, 1)
-    return (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    file = Path(path)
+    if not file.is_file():
+        raise BadImageError(file, "no such file")
+    rgb, _ = load_image(file)
+    return normalise(rgb.resize((size[1], size[0]), Image.BILINEAR))
 
 
 def expert_usage_main(args: Sequence[str]) -> int:
@@ -299,7 +304,8 @@ def expert_usage_main(args: Sequence[str]) -> int:
     """
     parser = argparse.ArgumentParser(prog="polytask experts", description=expert_usage_main.__doc__)
     parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable, applied in order)")
-    parser.add_argument("--ckpt", help="Lightning checkpoint to load (default: the config's initial weights)")
+    parser.add_argument("--ckpt_path", "--ckpt", dest="ckpt_path",
+                        help="weights to load: a Lightning checkpoint or exported .safetensors (default: the config's initial weights)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file (resized to the network's resolution)")
     source.add_argument("--index", type=int, help="index of a sample of the datamodule's validation split")
@@ -307,12 +313,13 @@ def expert_usage_main(args: Sequence[str]) -> int:
     options, overrides = parser.parse_known_args(list(args))
 
     from polytask.cli import instantiate
+    from polytask.data.predict import BadImageError
+    from polytask.training.checkpoint import load_weights
 
     cli = instantiate(options.config, overrides)
     module = cli.model
-    if options.ckpt:
-        checkpoint = torch.load(options.ckpt, map_location="cpu", weights_only=True)
-        module.load_state_dict(checkpoint["state_dict"])
+    if options.ckpt_path:
+        load_weights(module, options.ckpt_path)
     net = gate_recorder_of(module)
     if net is None:
         parser.error(f"the network of {options.config} records no gate weights")
@@ -320,7 +327,10 @@ def expert_usage_main(args: Sequence[str]) -> int:
         size = getattr(net, "image_size", None)
         if size is None:
             parser.error("--image needs a network with an image_size; use --index")
-        image = _load_image(options.image, size)
+        try:
+            image = _load_image(options.image, size)
+        except BadImageError as err:
+            parser.error(f"--image {err}")
     else:
         image = cli.datamodule.make_dataset("val")[options.index]["image"]
     maps = dominant_expert_maps(net, image)
