@@ -70,6 +70,7 @@ def test_last_checkpoint_holds_the_final_model(workdir: Path) -> None:
 
     main(["validate", *TINY, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     validated = json.loads((workdir / "runs" / "synthscenes_hard_sharing" / "version_1" / "val_metrics.json").read_text())
+    assert (validated["epoch"], validated["step"]) == (saved["epoch"], 4)  # the weights' position, not the trainer's 0
     for task, values in fit_report["results"].items():
         for name, value in values.items():
             assert validated["results"][task][name] == pytest.approx(value, abs=1e-6), f"{task}/{name}"

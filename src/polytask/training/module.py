@@ -104,6 +104,8 @@ class MultiTaskModule(pl.LightningModule):
             }
         )
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.loaded_position: tuple[int, int] | None = None
+        """``(epoch, global step)`` recorded in the last checkpoint loaded, None when none was."""
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self.config_json = self._describe(net)
 
@@ -183,6 +185,7 @@ class MultiTaskModule(pl.LightningModule):
         if problems:
             source = str(self._trainer.ckpt_path) if self._trainer is not None and self._trainer.ckpt_path else "checkpoint"
             raise mismatch_error(source, problems, checkpoint_config(checkpoint), self.config_json)
+        self.loaded_position = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
         entry = checkpoint.get(CHECKPOINT_KEY, {})
         if "guard" in entry:
             self.guard.load_state_dict(entry["guard"])

@@ -84,7 +84,7 @@ class MetricReport(pl.Callback):
             return
         results = self._results(pl_module, "val")
         if trainer.state.fn == "validate":
-            self._report(trainer, pl_module, "val", trainer.current_epoch, trainer.global_step, results)
+            self._report(trainer, pl_module, "val", *self._weights_position(trainer, pl_module), results)
         elif trainer.state.fn == "fit" and results:
             self._fit_validation = (trainer.current_epoch, trainer.global_step, results)
 
@@ -106,4 +106,13 @@ class MetricReport(pl.Callback):
         )
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(trainer, pl_module, "test", trainer.current_epoch, trainer.global_step, self._results(pl_module, "test"))
+        self._report(trainer, pl_module, "test", *self._weights_position(trainer, pl_module), self._results(pl_module, "test"))
+
+    @staticmethod
+    def _weights_position(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, int]:
+        """Epoch and step of the weights ``validate`` / ``test`` evaluate: the checkpoint's own when one
+        was loaded (the trainer's counters start at 0 outside fit), else the trainer's."""
+        loaded = getattr(pl_module, "loaded_position", None)
+        if trainer.state.fn != "fit" and loaded is not None:
+            return loaded
+        return trainer.current_epoch, trainer.global_step
