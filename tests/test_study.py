@@ -11,6 +11,7 @@ import pytest
 
 from polytask.cli import main
 from polytask.metrics import delta_m
+from polytask.study.cli import study_main
 from polytask.study.report import load_runs, write_report
 from polytask.study.runner import run_study
 from polytask.study.spec import StudyError, load_study, parse_study, run_folder
@@ -81,6 +82,19 @@ def test_report_pairs_by_seed_hand_computed(tmp_path: Path) -> None:
     assert "| semseg | mIoU ↑ | 45 ± 5 | 46.5 ± 12 |" in report
     assert "not finished: new seeds [2]" in report
     assert (tmp_path / "delta_m.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+    # the other way round: ref against new; seed 0: (50 - 55) / 55 and -(2.0 - 1.8) / 1.8, seed 1: (40 - 38) / 38
+    # and -(1.0 - 1.1) / 1.1, each the mean of the two tasks, in percent
+    seed0 = ((50 - 55) / 55 - (2.0 - 1.8) / 1.8) / 2 * 100
+    seed1 = ((40 - 38) / 38 - (1.0 - 1.1) / 1.1) / 2 * 100
+    assert (seed0, seed1) == (pytest.approx(-10.1010101), pytest.approx(7.1770335))
+    report = write_report(tmp_path, [("ref", "new")]).read_text()
+    mean, std = (seed0 + seed1) / 2, abs(seed0 - seed1) / 2**0.5
+    row = f"| ref vs new | 2 | {mean:+.2f} ± {std:.2f} | [{seed0:+.2f}, {seed1:+.2f}] | 1 of 2 | {seed0:+.2f}, {seed1:+.2f} |"
+    assert "## Other paired comparisons" in report and row in report
+    with pytest.raises(StudyError, match=r"comparison new:nope: unknown arm\(s\) \['nope'\]"):
+        write_report(tmp_path, [("new", "nope")])
+    assert study_main(["report", str(tmp_path), "--compare", "ref-new"]) == 2
 
 
 def test_study_file_errors_name_the_field(tmp_path: Path) -> None:

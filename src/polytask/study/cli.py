@@ -26,7 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--arms", nargs="+", default=None, help="train only these arms")
     report = sub.add_parser("report", help="write report.md and the plots of a study folder")
     report.add_argument("study_dir", help="the folder 'study run' wrote")
+    report.add_argument("--compare", action="append", default=[], metavar="ARM:BASELINE",
+                        help="also Δm of ARM against BASELINE, paired by seed (repeatable), e.g. full:no_memory")
     return parser
+
+
+def _comparisons(values: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        arm, sep, baseline = value.partition(":")
+        if not sep or not arm or not baseline:
+            raise StudyError(f"--compare {value!r}: expected ARM:BASELINE, two arm names separated by a colon")
+        pairs.append((arm, baseline))
+    return pairs
 
 
 def study_main(args: Sequence[str]) -> int:
@@ -34,7 +46,7 @@ def study_main(args: Sequence[str]) -> int:
     ns = _parser().parse_args(list(args))
     try:
         if ns.command == "report":
-            print(f"report written to {write_report(Path(ns.study_dir))}")
+            print(f"report written to {write_report(Path(ns.study_dir), _comparisons(ns.compare))}")
             return 0
         study = load_study(ns.study)
         out_dir = Path(ns.out or Path("studies") / study.name)

@@ -228,9 +228,45 @@ def _status_lines(results: StudyResults) -> list[str]:
     return lines
 
 
-def write_report(study_dir: Path) -> Path:
-    """Write ``report.md``, ``delta_m.png`` and ``curves.png`` into ``study_dir``; returns the report path."""
+def comparison_table(results: StudyResults, comparisons: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown rows: Delta_m of each ``(arm, baseline)`` pair, paired by seed, as :func:`delta_table`.
+
+    Raises:
+        StudyError: a pair names an arm the study does not have, or compares an arm with itself.
+    """
+    lines = [
+        "| arm vs baseline | seeds | Δm (%) mean ± std | 95 % bootstrap CI | seeds with the mean's sign | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, baseline in comparisons:
+        unknown = [a for a in (arm, baseline) if a not in results.arms]
+        if unknown or arm == baseline:
+            problem = f"unknown arm(s) {unknown}" if unknown else "an arm compared with itself"
+            raise StudyError(f"comparison {arm}:{baseline}: {problem}; the arms are {list(results.arms)}")
+        per_seed = paired_delta_m(results.arms[arm].results, results.arms[baseline].results, results.directions)
+        defined = [v for _, v in sorted(per_seed.items()) if not math.isnan(v)]
+        if not defined:
+            lines.append(f"| {arm} vs {baseline} | 0 | no seed where both finished | | | |")
+            continue
+        summary = summarize(defined)
+        std = "" if math.isnan(summary.std) else f" ± {summary.std:.2f}"
+        lines.append(
+            f"| {arm} vs {baseline} | {summary.n} | {summary.mean:+.2f}{std} | [{_fmt(summary.ci_low)}, "
+            f"{_fmt(summary.ci_high)}] | {summary.agree} of {summary.n} | {', '.join(f'{v:+.2f}' for v in summary.values)} |"
+        )
+    return lines
+
+
+def write_report(study_dir: Path, comparisons: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write ``report.md``, ``delta_m.png`` and ``curves.png`` into ``study_dir``; returns the report path.
+
+    Args:
+        study_dir: the study folder.
+        comparisons: further ``(arm, baseline)`` pairs whose Δm the report gives, paired by seed
+            (e.g. the full model against an ablation, neither of them the reference).
+    """
     results = load_runs(study_dir)
+    extra = comparison_table(results, comparisons) if comparisons else []
     study = results.study
     records = [r for runs in results.arms.values() for r in runs.records.values()]
     commits = sorted({f"{r.get('commit') or 'unknown'}{' (dirty)' if r.get('dirty') else ''}" for r in records})
@@ -256,6 +292,7 @@ def write_report(study_dir: Path) -> Path:
         "",
         "![Δm per arm](delta_m.png)",
         "",
+        *(["## Other paired comparisons", "", *extra, ""] if extra else []),
         f"## Metrics ({study['split']} split, mean ± std over seeds)",
         "",
         *metric_table(results),
