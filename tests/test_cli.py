@@ -135,3 +135,14 @@ def test_model_summary_counts_the_networks_flops_at_the_training_resolution(work
     assert expected > 0 and summary.total_flops == expected
     assert dict(zip(summary.layer_names, summary.param_nums))["net"] > 0
     assert sum(summary.flop_counts["net"].values()) == expected  # the table's per-layer column too
+
+
+def test_training_resolution_takes_the_first_height_width_pair() -> None:
+    from types import SimpleNamespace
+
+    from polytask.summary import training_resolution
+
+    celeba_like = SimpleNamespace(image_size=64, train_size=(32, 48))  # a short side is not a resolution
+    assert training_resolution(SimpleNamespace(image_size=None), celeba_like) == (32, 48)
+    assert training_resolution(SimpleNamespace(image_size=[96, 128]), celeba_like) == (96, 128)
+    assert training_resolution(SimpleNamespace(), SimpleNamespace(image_size=64)) is None

@@ -68,10 +68,11 @@ def count_flops(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) 
 
 def training_resolution(net: object, datamodule: object) -> tuple[int, int] | None:
     """The ``(H, W)`` a config trains at: the network's ``image_size``, else the datamodule's
-    ``image_size`` or ``train_size``; None when neither says."""
+    ``image_size`` or ``train_size``, whichever is first an ``(H, W)`` pair; None when none is
+    (e.g. CelebA's datamodule gives only the short side)."""
     for owner, attr in ((net, "image_size"), (datamodule, "image_size"), (datamodule, "train_size")):
         size = getattr(owner, attr, None)
-        if size is not None:
+        if isinstance(size, (tuple, list)) and len(size) == 2:
             return int(size[0]), int(size[1])
     return None
 
