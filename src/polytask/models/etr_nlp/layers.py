@@ -166,15 +166,21 @@ class RoutedConv(nn.Module):
             return self.task_convs[tasks[0]](x)
         convs = [self.task_convs[t] for t in tasks]
         if self.task_branch == "nlp":
-            mixes: list[PointwiseMix] = convs  # type: ignore[assignment]
-            weight = torch.stack([m.grouped_weight() for m in mixes])
-            bias = torch.stack([m.bias for m in mixes]) if mixes[0].bias is not None else None  # type: ignore[misc]
-            return pointwise_blocks(x, weight, bias)
+            return pointwise_blocks(x, *self._task_mixes(tasks))
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
         first, n = convs[0], len(tasks)
         y = F.conv2d(blocks_to_channels(x, n), weight, bias, first.stride, first.padding, first.dilation, n * first.groups)
         return channels_to_blocks(y, n)
+
+    def _task_mixes(self, tasks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``nlp`` task branches of ``tasks`` as :func:`pointwise_blocks` takes them:
+        weights ``(n, g, C_t / g, k C_in / g)`` and biases ``(n, C_t)`` (None without bias)."""
+        assert self.task_convs is not None
+        mixes: list[PointwiseMix] = [self.task_convs[t] for t in tasks]  # type: ignore[misc]
+        weight = torch.stack([m.grouped_weight() for m in mixes])
+        bias = torch.stack([m.bias for m in mixes]) if mixes[0].bias is not None else None  # type: ignore[misc]
+        return weight, bias
 
     def joint_mix(self, responses: torch.Tensor) -> torch.Tensor:
         """Shared and task mixes of equal groups as one matrix product per image, task block and group.
@@ -189,22 +195,20 @@ class RoutedConv(nn.Module):
         Returns:
             ``(n B, C_out, H', W')``, shared channels first, as the two separate mixes give.
         """
-        assert isinstance(self.shared, NLPBlock) and self.task_convs is not None
+        assert isinstance(self.shared, NLPBlock)
         tasks = self.router.active
         shared = self.shared.mix
-        mixes: list[PointwiseMix] = [self.task_convs[t] for t in tasks]  # type: ignore[misc]
         n, g = len(tasks), shared.groups
-        task_weight = torch.stack([m.grouped_weight() for m in mixes])
+        task_weight, task_bias = self._task_mixes(tasks)
         weight = torch.cat([shared.grouped_weight().expand(n, -1, -1, -1), task_weight], dim=2)
-        y = pointwise_blocks(responses, weight, None)
+        bias = None
+        if shared.bias is not None and task_bias is not None:
+            # group-major like the weight rows: group j holds its shared, then its task channels
+            bias = torch.cat([shared.bias.view(1, g, -1).expand(n, -1, -1), task_bias.view(n, g, -1)], dim=2).flatten(1)
+        y = pointwise_blocks(responses, weight, bias)
         nb, _, h, w = y.shape
         y_shared, y_task = y.view(nb, g, -1, h, w).split([self.shared_channels // g, self.task_channels // g], dim=2)
-        y = torch.cat([y_shared.reshape(nb, self.shared_channels, h, w), y_task.reshape(nb, self.task_channels, h, w)], dim=1)
-        if shared.bias is None:
-            return y
-        task_bias = torch.stack([m.bias for m in mixes])  # type: ignore[misc]
-        bias = torch.cat([shared.bias.expand(n, -1), task_bias], dim=1).to(y.dtype)
-        return (y.view(n, nb // n, -1, h * w) + bias.view(n, 1, -1, 1)).view(nb, -1, h, w)
+        return torch.cat([y_shared.reshape(nb, self.shared_channels, h, w), y_task.reshape(nb, self.task_channels, h, w)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C_in, H, W)`` -> ``(n B, C_out, ceil(H / s), ceil(W / s))``: shared channels first."""
