@@ -81,10 +81,26 @@ def load_runs(study_dir: Path) -> StudyResults:
             continue
         per_seed = paired_delta_m(runs.results, reference.results, directions)
         undefined[name] = [s for s, v in per_seed.items() if math.isnan(v)]
-        defined = [v for _, v in sorted(per_seed.items()) if not math.isnan(v)]
-        if defined:
-            deltas[name] = summarize(defined)
+        summary = _summary_of(per_seed)
+        if summary is not None:
+            deltas[name] = summary
     return StudyResults(study, arms, directions, deltas, {k: v for k, v in undefined.items() if v})
+
+
+def _summary_of(per_seed: dict[int, float]) -> PairedSummary | None:
+    """Paired statistics of the seeds whose Delta_m is defined, in seed order; None when none is."""
+    defined = [v for _, v in sorted(per_seed.items()) if not math.isnan(v)]
+    return summarize(defined) if defined else None
+
+
+def _delta_row(label: str, summary: PairedSummary) -> str:
+    """One Markdown row: label, seeds, mean ± std, bootstrap interval, sign agreement, every seed's value."""
+    std = "" if math.isnan(summary.std) else f" ± {summary.std:.2f}"
+    per_seed = ", ".join(f"{v:+.2f}" for v in summary.values)
+    return (
+        f"| {label} | {summary.n} | {summary.mean:+.2f}{std} | [{_fmt(summary.ci_low)}, {_fmt(summary.ci_high)}] "
+        f"| {summary.agree} of {summary.n} | {per_seed} |"
+    )
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -110,13 +126,7 @@ def delta_table(results: StudyResults) -> list[str]:
         f"| arm | seeds | Δm vs {ref} (%) mean ± std | 95 % bootstrap CI | seeds with the mean's sign | per seed |",
         "|---|---|---|---|---|---|",
     ]
-    for name, summary in results.deltas.items():
-        per_seed = ", ".join(f"{v:+.2f}" for v in summary.values)
-        std = "" if math.isnan(summary.std) else f" ± {summary.std:.2f}"
-        lines.append(
-            f"| {name} | {summary.n} | {summary.mean:+.2f}{std} | [{_fmt(summary.ci_low)}, {_fmt(summary.ci_high)}] "
-            f"| {summary.agree} of {summary.n} | {per_seed} |"
-        )
+    lines += [_delta_row(name, summary) for name, summary in results.deltas.items()]
     return lines
 
 
@@ -244,16 +254,9 @@ def comparison_table(results: StudyResults, comparisons: Sequence[tuple[str, str
             problem = f"unknown arm(s) {unknown}" if unknown else "an arm compared with itself"
             raise StudyError(f"comparison {arm}:{baseline}: {problem}; the arms are {list(results.arms)}")
         per_seed = paired_delta_m(results.arms[arm].results, results.arms[baseline].results, results.directions)
-        defined = [v for _, v in sorted(per_seed.items()) if not math.isnan(v)]
-        if not defined:
-            lines.append(f"| {arm} vs {baseline} | 0 | no seed where both finished | | | |")
-            continue
-        summary = summarize(defined)
-        std = "" if math.isnan(summary.std) else f" ± {summary.std:.2f}"
-        lines.append(
-            f"| {arm} vs {baseline} | {summary.n} | {summary.mean:+.2f}{std} | [{_fmt(summary.ci_low)}, "
-            f"{_fmt(summary.ci_high)}] | {summary.agree} of {summary.n} | {', '.join(f'{v:+.2f}' for v in summary.values)} |"
-        )
+        summary = _summary_of(per_seed)
+        label = f"{arm} vs {baseline}"
+        lines.append(_delta_row(label, summary) if summary else f"| {label} | 0 | no seed where both finished | | | |")
     return lines
 
 
