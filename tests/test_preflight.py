@@ -58,5 +58,5 @@ def test_cached_weights_need_no_network(offline: Path, monkeypatch: pytest.Monke
 
 
 def test_hub_offline_variable_counts_as_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(backbones.huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, as parsed at import
     assert backbones._hub_reachable() is False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +55,7 @@ OFFLINE_HINT = (
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if huggingface_hub.constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE as the Hub client itself reads it
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
