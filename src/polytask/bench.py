@@ -46,7 +46,6 @@ Arguments after ``--`` are passed to the config parser as overrides, as on the `
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -73,7 +72,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import Dataset
 
 from polytask.bench_loader import LoaderStats, measure_loader
-from polytask.data.datamodule import MultiTaskDataModule
+from polytask.data.datamodule import MultiTaskDataModule, build_datamodule, datamodule_class
 from polytask.summary import summarize
 from polytask.tasks import AttributeTask, DepthTask, EdgeTask, NormalsTask, SaliencyTask, SegmentationTask, Task
 from polytask.training.module import MultiTaskModule
@@ -132,8 +131,7 @@ class FilelessDataModule(MultiTaskDataModule):
     """
 
     def __init__(self, source: str, tasks: Sequence[str] | None = None, batch_size: int = 8) -> None:
-        module_name, _, class_name = source.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = datamodule_class(source)
         self.source = cls.__new__(cls)
         self.name = f"{cls.name} (files absent)"
         super().__init__(tasks, batch_size)
@@ -249,9 +247,8 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def _data_error(cfg: Any) -> str | None:
     """Why the config's datamodule cannot be built (e.g. its dataset root is absent), or ``None``."""
-    module_name, _, class_name = cfg.data.class_path.rpartition(".")
     try:
-        getattr(importlib.import_module(module_name), class_name)(**cfg.data.init_args.as_dict())
+        build_datamodule(cfg.data)
     except Exception as err:  # noqa: BLE001 - reported; a FilelessDataModule stands in
         return f"{type(err).__name__}: {err}"
     return None

@@ -7,10 +7,10 @@ constructor and, once that is fixed, inside the datamodule's setup.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from polytask.data.datamodule import build_datamodule
 from polytask.data.io import DataFileError
 from polytask.models.backbones import OFFLINE_HINT, pretrained_weights_problem
 
@@ -23,24 +23,19 @@ class PreflightError(RuntimeError):
         super().__init__("\n".join(["polytask cannot run this config:", *(f"  - {p}" for p in problems)]))
 
 
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value or {})
 
 
-def data_problems(data: Mapping[str, Any], stage: str) -> list[str]:
+def data_problems(data: Any, stage: str) -> list[str]:
     """What stops the datamodule ``data`` (``{class_path, init_args}``) from serving ``stage``."""
     try:
-        datamodule = _import(data["class_path"])(**_plain(data.get("init_args")))
+        datamodule = build_datamodule(data)
     except DataFileError as err:
         return [f"{err.path}: {err.detail} (point --data.init_args.root at the dataset directory)"]
     except Exception:  # noqa: BLE001 - any other error is raised, with its own message, when the CLI builds the datamodule
         return []
-    return datamodule.preflight(stage) if hasattr(datamodule, "preflight") else []
+    return datamodule.preflight(stage)
 
 
 def weights_problems(net: Mapping[str, Any]) -> list[str]:
@@ -64,6 +59,6 @@ def preflight(config: Mapping[str, Any], stage: str) -> None:
     if isinstance(net, Mapping):
         problems += weights_problems(net)
     if config.get("data"):
-        problems += data_problems(_plain(config["data"]), stage)
+        problems += data_problems(config["data"], stage)
     if problems:
         raise PreflightError(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import random
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -403,3 +404,20 @@ class SynthScenesDataModule(MultiTaskDataModule):
             cache_dir=self.cache_dir,
             transform=RandomHorizontalFlip() if (train and self.flip) else None,
         )
+
+
+def datamodule_class(class_path: str) -> type[MultiTaskDataModule]:
+    """The datamodule class a config names (``polytask.data.SynthScenesDataModule``)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_datamodule(data: Any) -> MultiTaskDataModule:
+    """The datamodule of a resolved config's ``data`` entry, ``{class_path, init_args}`` (a mapping or
+    a jsonargparse namespace), built alone: without the model the CLI would build with it.
+
+    Raises:
+        Whatever the datamodule's constructor raises (e.g. a missing dataset root).
+    """
+    plain = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    return datamodule_class(plain["class_path"])(**dict(plain.get("init_args") or {}))
