@@ -6,8 +6,8 @@ import difflib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 from importlib import resources
+from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
