@@ -321,9 +321,10 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
             )
         return lines
 
-    synth = ["--batch-size", "16", "--steps", "3", "--warmup", "1", "--loader-batches", "30", "--no-bare", *common]
+    hard_sharing = ["--config", "configs/hard_sharing_synthscenes.yaml"]
+    synth = [*hard_sharing, "--batch-size", "16", "--steps", "3", "--warmup", "1", "--loader-batches", "30", "--no-bare", *common]
     nyud = [
-        "--config", "configs/data/nyud.yaml", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--loader-batches", "10",
+        *hard_sharing, "--config", "configs/data/nyud.yaml", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--loader-batches", "10",
         "--no-bare", *common, "--", "--data.init_args.root", str(nyud_root),
     ]
     loader_runs = [

@@ -93,7 +93,8 @@ def test_predict_dir_replaces_the_predict_split(
         Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(photos / name)
     config = Path(__file__).resolve().parents[1] / "configs" / "data" / "folder.yaml"
     cli = lightning_main([
-        "predict", "--config", str(config), "--data.init_args.root", str(folder.root),
+        "predict", "--config", str(config.parents[1] / "hard_sharing_synthscenes.yaml"), "--config", str(config),
+        "--data.init_args.root", str(folder.root),
         "--data.init_args.predict_dir", str(photos), "--data.init_args.num_workers", "0",
         "--model.net.init_args.backbone", "test_resnet", "--model.net.init_args.decoder_channels", "8",
         "--model.net.init_args.head_channels", "4", "--trainer.logger", "false",

@@ -21,7 +21,9 @@ from polytask.cli import main
 from polytask.data.check import registry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 SMALL_MODEL = [
+    "--config", HARD_SHARING,
     "--model.net.init_args.backbone", "test_resnet",
     "--model.net.init_args.decoder_channels", "16", "--model.net.init_args.head_channels", "8",
     "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",

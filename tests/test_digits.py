@@ -63,5 +63,5 @@ def test_image_classification_task_scores_accuracy_over_the_split() -> None:
     metric = task.make_metric()
     metric.update(task.postprocess(logits[:2]), target[:2])
     metric.update(task.postprocess(logits[2:]), target[2:])
-    assert metric.compute()["accuracy"].item() == 0.75
+    assert metric.compute()["accuracy"].item() == 75.0
     assert task.colorize(torch.tensor(2)).shape == (16, 48, 3)

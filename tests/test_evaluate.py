@@ -35,7 +35,9 @@ from polytask.training.module import MultiTaskModule
 from polytask.training.prediction_writer import PredictionWriter
 
 EVAL_SIZE = (45, 51)  # odd padding of the 40x48 fixture images: 2 rows above, 3 below, 1 column left, 2 right
+HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 TINY_MODEL = [
+    "--config", HARD_SHARING,
     "--model.net.init_args.backbone", "test_resnet",
     "--model.net.init_args.decoder_channels", "16", "--model.net.init_args.head_channels", "8",
     "--data.batch_size", "2", "--trainer.logger", "false",
@@ -121,7 +123,7 @@ def _quantised_in_memory(run: PascalRun, legacy_sigmoid: bool = False) -> dict[s
 def test_files_of_a_test_run_score_as_the_quantised_predictions_in_memory(pascal_run: PascalRun) -> None:
     files = sorted(p.relative_to(pascal_run.pred_dir).as_posix() for p in pascal_run.pred_dir.rglob("*") if p.is_file())
     tasks, ids = ("edge", "human_parts", "normals", "sal", "semseg"), ("2008_000004", "2008_000005")
-    assert files == [f"{t}/{i}.png" for t in tasks for i in ids]
+    assert files == [f"{t}/{i}.png" for t in (*tasks[:3], "pictures", *tasks[3:]) for i in ids]
     assert Image.open(pascal_run.pred_dir / "semseg" / "2008_000004.png").size == (48, 40)  # padding cropped away
     for path in pascal_run.pred_dir.rglob("*.png"):  # predict_step and validation_step write the same files
         for other in (pascal_run.predict_dir, pascal_run.predict_dir.with_name("PRED_validate")):

@@ -299,15 +299,15 @@ def test_attributes_hand_computed_confusion() -> None:
     metric.update(ATTR_PRED[2:], ATTR_TARGET[2:])
     # attribute 0: TP 1 FP 1 FN 1 TN 1; attribute 1 (0.5 counts as present): TP 2 FP 1 FN 0 TN 1.
     per = metric.per_attribute()
-    assert torch.allclose(per["precision"], torch.tensor([0.5, 2 / 3], dtype=torch.float64))
-    assert torch.allclose(per["recall"], torch.tensor([0.5, 1.0], dtype=torch.float64))
-    assert torch.allclose(per["f1"], torch.tensor([0.5, 0.8], dtype=torch.float64))
-    assert torch.allclose(per["accuracy"], torch.tensor([0.5, 0.75], dtype=torch.float64))
+    assert torch.allclose(per["precision"], torch.tensor([50.0, 200 / 3], dtype=torch.float64))
+    assert torch.allclose(per["recall"], torch.tensor([50.0, 100.0], dtype=torch.float64))
+    assert torch.allclose(per["f1"], torch.tensor([50.0, 80.0], dtype=torch.float64))
+    assert torch.allclose(per["accuracy"], torch.tensor([50.0, 75.0], dtype=torch.float64))
     out = metric.compute()
-    assert approx(out["precision"], (0.5 + 2 / 3) / 2)
-    assert approx(out["recall"], 0.75)
-    assert approx(out["f1"], 0.65)
-    assert approx(out["accuracy"], 0.625)
+    assert approx(out["precision"], (50.0 + 200 / 3) / 2)
+    assert approx(out["recall"], 75.0)
+    assert approx(out["f1"], 65.0)
+    assert approx(out["accuracy"], 62.5)
 
 
 def test_attributes_undefined_scores_are_zero() -> None:
@@ -315,7 +315,7 @@ def test_attributes_undefined_scores_are_zero() -> None:
     metric.update(torch.tensor([[0.1], [0.2]]), torch.tensor([[0.0], [0.0]]))
     out = metric.compute()
     assert approx(out["precision"], 0.0) and approx(out["recall"], 0.0) and approx(out["f1"], 0.0)
-    assert approx(out["accuracy"], 1.0)
+    assert approx(out["accuracy"], 100.0)
 
 
 def test_attributes_reject_bad_input() -> None:

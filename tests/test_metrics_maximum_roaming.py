@@ -182,7 +182,7 @@ def test_attributes_accuracy_per_batch_precision_recall_f1_over_the_split() -> N
     assert float(result["accuracy"]) == pytest.approx(5 / 8)
     assert float(result["batch_size"]) == 2
     assert metric.per_attribute()["accuracy"].tolist() == pytest.approx([0.25, 1.0])
-    assert float(split_level.compute()["accuracy"]) == pytest.approx(2 / 3)
+    assert float(split_level.compute()["accuracy"]) == pytest.approx(100 * 2 / 3)
 
 
 def test_states_merge_like_a_distributed_sync() -> None:

@@ -24,17 +24,20 @@ from polytask.cli import PolytaskCLI, config_cli
 from polytask.data.datamodule import ResumableLoader, ResumableSampler, SeededSamples
 from polytask.data.synthscenes import SynthScenes
 from polytask.training.checkpoint import ResumableCheckpoint, check_plain, last_checkpoints, read_checkpoint
+from polytask.training.run_folder import assign_run_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS_PER_EPOCH = 8
 KILL_AT_STEP = 10
 TIMEOUT_S = 600
+HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 
 
 def fit_args(cache: Path, *extra: str) -> list[str]:
     """``polytask fit`` of a tiny stochastic model (drop path, flips) checkpointing every step."""
     return [
         "fit",
+        "--config", HARD_SHARING,
         "--trainer.max_epochs", "2",
         "--trainer.callbacks.every_n_train_steps", "1",
         "--trainer.log_every_n_steps", "1",
@@ -89,7 +92,7 @@ def kill_after(process: subprocess.Popen, ckpt: Path, step: int) -> None:
 
 
 def run_dirs(cwd: Path) -> list[Path]:
-    return sorted((cwd / "runs" / "synthscenes_hard_sharing").glob("version_*"))
+    return sorted((cwd / "runs" / "hard_sharing_synthscenes").glob("version_*"))
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -100,7 +103,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
 
     reference = start(fit_args(cache), straight)
     victim = start(fit_args(cache), killed)
-    victim_ckpt = killed / "runs" / "synthscenes_hard_sharing" / "version_0" / "checkpoints" / "last.ckpt"
+    victim_ckpt = killed / "runs" / "hard_sharing_synthscenes" / "version_0" / "checkpoints" / "last.ckpt"
     kill_after(victim, victim_ckpt, KILL_AT_STEP)
     resumed_from = global_step(victim_ckpt)
     assert resumed_from % STEPS_PER_EPOCH != 0, f"the kill landed on an epoch boundary (step {resumed_from})"
@@ -176,8 +179,15 @@ def test_every_config_writes_last_periodically_and_resumes_from_it(
     """A first run of the config writes ``last.ckpt`` every N steps; a second run of the same
     config (a new logger version) finds it with ``--ckpt_path last``."""
     monkeypatch.chdir(tmp_path)
-    config = config_cli(_ParseOnly, [str(CONFIGS.parent / f) for f in COMMANDS[command]]).config.trainer
-    first = _trainer_of(config)
+    parsed = config_cli(_ParseOnly, [str(CONFIGS.parent / f) for f in COMMANDS[command]]).config
+
+    def run_trainer() -> pl.Trainer:
+        """The trainer of one ``polytask fit`` of the config: its loggers named and versioned as the CLI does."""
+        config = parsed.clone()
+        assign_run_folder(config, "fit", None)
+        return _trainer_of(config.trainer)
+
+    first = run_trainer()
     writers = [c for c in first.checkpoint_callbacks if isinstance(c, ResumableCheckpoint) and c.save_last]
     assert len(writers) == 1, f"{command}: needs one ResumableCheckpoint with save_last: true"
     (writer,) = writers
@@ -191,7 +201,8 @@ def test_every_config_writes_last_periodically_and_resumes_from_it(
     last = Path(writer.format_checkpoint_name({}, writer.CHECKPOINT_NAME_LAST))
     last.parent.mkdir(parents=True)
     last.touch()
-    second = _trainer_of(config)
+    second = run_trainer()
+    assert Path(second.log_dir).name == "version_1"
     assert [Path(p).resolve() for p in last_checkpoints(second)] == [last.resolve()]
 
 

@@ -438,3 +438,21 @@ def test_count_flops_includes_attention_matmuls() -> None:
     # Q K^T and A V: (L x d) @ (d x L) and (L x L) @ (L x d), 2 L L d FLOPs each
     attention = 2 * (2 * length * length * dim)
     assert count_flops(_Attention(), (4, 5)) == projection + attention
+
+
+def test_a_size_off_the_patch_grid_is_padded_and_the_outputs_cropped_back() -> None:
+    torch.manual_seed(0)
+    net = TaskExpert(tasks(), backbone="vit_tiny_patch16_224", backbone_options={**BACKBONE, "dynamic_img_size": True},
+                     num_experts=3, width=16, head_channels=8).eval()
+    patch_h, patch_w = net.backbone.patch_embed.patch_size
+    height, width = IMAGE[0] + patch_h - 3, IMAGE[1] + patch_w - 5  # 3 and 5 short of the next multiples
+    x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (0, 5, 0, 3))
+    with torch.no_grad():
+        out, reference = net(x), net(padded)
+    for task in tasks():
+        if task.dense:
+            assert out[task.name].shape == (2, task.out_channels, height, width)
+            torch.testing.assert_close(out[task.name], reference[task.name][..., :height, :width], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(out[task.name], reference[task.name], rtol=0, atol=0)

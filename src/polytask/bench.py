@@ -40,7 +40,8 @@ Usage::
     polytask bench --config configs/taskexpert_synthscenes.yaml --modes fp32,bf16 --compile --json out.json
     polytask bench --config CFG --image-size 224 224 -- --model.net.init_args.backbone vit_small_patch16_224
 
-Arguments after ``--`` are passed to the config parser as overrides, as on the ``fit`` command line.
+Arguments that are not bench options are config overrides, as on the ``fit`` command line (after a
+``--`` separator, even those that look like bench options).
 """
 
 from __future__ import annotations
@@ -977,7 +978,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="polytask bench",
         description="Time training steps and inference, measure memory, parameters and FLOPs of a config's network.",
-        epilog="Arguments after `--` are config overrides, as for `polytask fit` (e.g. -- --model.net.init_args.width 64).",
+        epilog="Other arguments are config overrides, as for `polytask fit` (e.g. --model.init_args.net.init_args.width 64); "
+        "after a `--` separator even those that look like bench options.",
         allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", default=[], help="config file; several are merged in order")
@@ -1023,9 +1025,9 @@ def bench_main(args: Sequence[str]) -> int:
     args = list(args)
     # the profiler's library (Kineto) logs GPU probing errors on CPU-only machines; a user's own level wins
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    split = args.index("--") if "--" in args else len(args)
-    options = _parser().parse_args(args[:split])
-    overrides = args[split + 1 :]
+    from polytask.cli import parse_tool_args
+
+    options, overrides = parse_tool_args(_parser(), args)
     precisions = [p.strip() for p in options.modes.split(",") if p.strip()]
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

@@ -2,32 +2,58 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partialmethod
 from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.preflight import PreflightError, preflight
-from polytask.training.checkpoint import describe_last_search, last_checkpoints
+from polytask.training.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    describe_last_search,
+    file_kind,
+    last_checkpoints,
+    load_weights,
+    newest,
+    read_checkpoint,
+)
+from polytask.training.logged_config import LoggedConfigCallback
 from polytask.training.model_summary import with_net_flops
 from polytask.training.module import MultiTaskModule
+from polytask.training.run_folder import assign_run_folder
+from polytask.training.standard_callbacks import add_prediction_writer, add_standard_callbacks
 
 DEFAULT_CONFIG = str(resources.files("polytask") / "default.yaml")
+MAIN_JOB_CONFIG = str(resources.files("polytask") / "main_job.yaml")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # polytask passes the arguments it built (defaults first) while sys.argv holds the user's own
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 class PolytaskCLI(LightningCLI):
-    """LightningCLI whose model receives the datamodule's tasks and default loss weights, and whose
-    ``--ckpt_path last`` stops when there is no last checkpoint (unless ``--allow_missing_last true``)."""
+    """LightningCLI whose model receives the datamodule's tasks and default loss weights.
+
+    Before building anything it checks the data and the weights (:func:`polytask.preflight.preflight`)
+    and names the run's folder (:func:`polytask.training.run_folder.assign_run_folder`). Before
+    running it loads ``--weights`` and stops when ``--ckpt_path last`` has nothing to load, or finds
+    the last checkpoint of another model config (unless ``--allow_missing_last true``).
+    """
+
+    run_folder: Path | None = None
+    """Where the command's loggers, metric files and predictions go (None without a file logger)."""
+    _assigned_versions: Sequence[Any] = ()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, its model summary replaced by one that counts the network's FLOPs."""
@@ -36,9 +62,32 @@ class PolytaskCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        """Check the data and the pretrained weights of the command's config before building them."""
-        if self.subcommand is not None:
-            preflight(self.config[self.subcommand], self.subcommand)
+        """Check the data and the pretrained weights, route a weights-only ``--ckpt_path`` to
+        ``--weights``, and name the run's folder, all before building anything."""
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        preflight(config, self.subcommand)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last", "best") and Path(ckpt_path).is_file() and file_kind(ckpt_path) == "safetensors":
+            if self.subcommand == "fit":
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt_path}: a safetensors file holds network weights only, no optimizer state or "
+                    f"training position, so fit cannot resume from it; start training from these weights with "
+                    f"--weights {ckpt_path}"
+                )
+            config["weights"], config["ckpt_path"] = ckpt_path, None
+        if config.get("weights") is not None and config.get("ckpt_path") is not None:
+            raise ValueError(
+                f"give --weights ({config['weights']}) or --ckpt_path ({config['ckpt_path']}), not both: a checkpoint "
+                "restores the network weights itself"
+            )
+        named = config.get("weights") or config.get("ckpt_path")
+        self.run_folder, self._assigned_versions = assign_run_folder(config, self.subcommand, named)
+        add_standard_callbacks(config["trainer"])
+        if self.subcommand == "predict":
+            folder = self.run_folder or Path(config["trainer"]["default_root_dir"])
+            add_prediction_writer(config["trainer"], str(folder / "predictions"))
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data", "model.init_args.tasks", compute_fn=lambda dm: dm.tasks, apply_on="instantiate")
@@ -52,35 +101,62 @@ class PolytaskCLI(LightningCLI):
             help="With --ckpt_path last: when no last checkpoint exists, go on without one (fit: train from scratch) "
             "with a warning instead of stopping with an error.",
         )
+        parser.add_argument(
+            "--run_name",
+            type=Optional[str],
+            default=None,
+            help="Name of the run's folder, <default_root_dir>/<run_name>/version_N (default: <dataset>_<model>, "
+            "e.g. synthscenes_taskexpert; every config in configs/ sets its own).",
+        )
+        parser.add_argument(
+            "--weights",
+            type=Optional[str],
+            default=None,
+            help="Network weights to start from: a .safetensors file of `polytask export` or a .ckpt of `polytask fit` "
+            "(weights only: fit starts a new run from them; validate/test/predict also take a .safetensors as --ckpt_path).",
+        )
 
-    def before_fit(self) -> None:
-        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
-        self.check_last_checkpoint("fit")
+    def prepare_run(self, subcommand: str) -> None:
+        """Load ``--weights`` and check ``--ckpt_path last`` (:meth:`check_last_checkpoint`)."""
+        config = self.config[subcommand]
+        for logger_args in self._assigned_versions:
+            logger_args["version"] = None  # the saved config.yaml leaves the version to the next run
+        if config.get("weights") is not None:
+            load_weights(self.model, config["weights"])
+        self.check_last_checkpoint(subcommand)
 
-    def before_validate(self) -> None:
-        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
-        self.check_last_checkpoint("validate")
-
-    def before_test(self) -> None:
-        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
-        self.check_last_checkpoint("test")
-
-    def before_predict(self) -> None:
-        """Refuse ``--ckpt_path last`` without a last checkpoint (:meth:`check_last_checkpoint`)."""
-        self.check_last_checkpoint("predict")
+    before_fit = partialmethod(prepare_run, "fit")
+    before_validate = partialmethod(prepare_run, "validate")
+    before_test = partialmethod(prepare_run, "test")
+    before_predict = partialmethod(prepare_run, "predict")
 
     def check_last_checkpoint(self, subcommand: str) -> None:
-        """With ``--ckpt_path last``, make sure there is a last checkpoint to load.
+        """With ``--ckpt_path last``, make sure there is a last checkpoint of this model config to load.
 
         Lightning only warns when ``ckpt_path="last"`` finds nothing and then trains from scratch
         (or evaluates untrained weights). Here that is an error, unless ``--allow_missing_last
-        true``: then ``ckpt_path`` is dropped with a warning.
+        true``: then ``ckpt_path`` is dropped with a warning. The checkpoint Lightning would pick
+        (the newest) must record the same model config as the command's, so that ``last`` never
+        loads the weights of another experiment that logs under the same name.
 
         Raises:
             FileNotFoundError: no last checkpoint, naming where the checkpoint callbacks looked.
+            CheckpointError: the last checkpoint was written by another model config.
         """
         config = self.config[subcommand]
-        if config.get("ckpt_path") != "last" or last_checkpoints(self.trainer):
+        if config.get("ckpt_path") != "last":
+            return
+        found = last_checkpoints(self.trainer)
+        if found:
+            chosen = newest(found)
+            recorded = checkpoint_config(read_checkpoint(chosen, mmap=True))
+            if recorded is not None and recorded != self.model.config_json:
+                raise CheckpointError(
+                    f"polytask {subcommand} --ckpt_path last: the newest last checkpoint, {chosen}, was written by another "
+                    f"model config, so it is not this experiment's.\n  its config:  {recorded}\n  this config: "
+                    f"{self.model.config_json}\nGive the checkpoint file with --ckpt_path to load it anyway (its tensors "
+                    "must fit), or give this experiment's runs their own logger name (--trainer.logger.init_args.name)."
+                )
             return
         where = describe_last_search(self.trainer)
         if not config.get("allow_missing_last"):
@@ -93,11 +169,48 @@ class PolytaskCLI(LightningCLI):
         self.config_init[subcommand]["ckpt_path"] = None
 
 
+def _names_network(config: Any) -> bool:
+    """Whether a parsed YAML config sets the network's class (``model.net`` or ``model.init_args.net``)."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return False
+    for holder in (model, model.get("init_args")):
+        net = holder.get("net") if isinstance(holder, dict) else None
+        if isinstance(net, str) or (isinstance(net, dict) and "class_path" in net):
+            return True
+    return False
+
+
+_NET_CLASS_OPTIONS = ("--model.net", "--model.init_args.net", "--model.net.class_path", "--model.init_args.net.class_path")
+
+
+def default_configs(args: Sequence[str]) -> list[str]:
+    """The configs layered under a command's own: ``default.yaml``, then ``main_job.yaml`` when neither
+    a ``--config`` file nor a ``--model...net`` class option names a network.
+    """
+    args = list(args)
+    names = False
+    for i, arg in enumerate(args):
+        option, _, value = arg.partition("=")
+        if option in ("--config", "-c"):
+            path = Path(value or (args[i + 1] if i + 1 < len(args) else ""))
+            if path.is_file():  # a missing file is reported by the config parser
+                try:
+                    names = names or _names_network(yaml.safe_load(path.read_text()))
+                except yaml.YAMLError:  # reported by the config parser, with its position
+                    pass
+        elif option in _NET_CLASS_OPTIONS:
+            names = True
+    return [DEFAULT_CONFIG] if names else [DEFAULT_CONFIG, MAIN_JOB_CONFIG]
+
+
 def with_defaults(args: Sequence[str]) -> list[str]:
-    """Insert polytask's default config right after the subcommand, so later configs override it."""
+    """Insert polytask's default configs (:func:`default_configs`) right after the subcommand, so
+    later configs override them."""
     args = list(args)
     if args and args[0] in LIGHTNING_COMMANDS:
-        return [args[0], "--config", DEFAULT_CONFIG, *args[1:]]
+        defaults = [a for path in default_configs(args[1:]) for a in ("--config", path)]
+        return [args[0], *defaults, *args[1:]]
     return args
 
 
@@ -109,6 +222,7 @@ def lightning_main(args: Sequence[str]) -> PolytaskCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=with_defaults(args),
+        save_config_callback=LoggedConfigCallback,
         save_config_kwargs={"overwrite": True},
     )
 
@@ -126,7 +240,8 @@ def config_cli(
     Returns:
         The ``cli_class`` object, its ``.config`` parsed (and whatever ``cli_class`` instantiates).
     """
-    args = [a for path in (DEFAULT_CONFIG, *config_paths) for a in ("--config", str(path))] + list(overrides)
+    own = [a for path in config_paths for a in ("--config", str(path))] + list(overrides)
+    args = [a for path in default_configs(own) for a in ("--config", path)] + own
     return cli_class(
         MultiTaskModule,
         MultiTaskDataModule,
@@ -149,6 +264,20 @@ def instantiate(config_paths: Sequence[str] = (), overrides: Sequence[str] = ())
         The CLI object: ``.datamodule``, ``.model`` (a :class:`MultiTaskModule`) and ``.trainer``.
     """
     return config_cli(PolytaskCLI, config_paths, overrides)
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse a tool's own options; every other argument is a config override, as on the ``fit``
+    command line (``--model.init_args.net.init_args.width 64``). Arguments after a ``--``
+    separator are overrides even when they look like one of the tool's options.
+
+    Returns:
+        The tool's options and the overrides, in order.
+    """
+    args = list(args)
+    split = args.index("--") if "--" in args else len(args)
+    options, unknown = parser.parse_known_args(args[:split])
+    return options, [*unknown, *args[split + 1 :]]
 
 
 def data_tool(args: Sequence[str]) -> int:
@@ -260,5 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lightning_main(args)
     except PreflightError as err:
         print(err, file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        print(f"polytask {args[0]}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 
 from polytask.summary import ModelSummary, summarize, training_resolution
+from polytask.training.report import write_json_atomic
 
 
 def format_summary(summary: ModelSummary, name: str) -> str:
@@ -31,18 +31,20 @@ def summary_main(args: Sequence[str]) -> int:
     ``param_groups()`` component) and forward FLOPs of one image at the training resolution
     (attention runs through PyTorch's math backend so that its matmuls are counted).
     Pretrained weights are not loaded (counts do not depend on them) unless ``--load-pretrained``.
-    Unknown ``--key value`` arguments are passed to the config as overrides.
+    Without ``--config``, the main job's network (polytask's defaults). Other ``--key value``
+    arguments are config overrides, as for ``polytask fit``.
     """
     parser = argparse.ArgumentParser(prog="polytask summary", description=summary_main.__doc__)
-    parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable, applied in order)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config (repeatable, applied in order over polytask's defaults)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                         help="resolution of the FLOP count (default: the config's training resolution)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--load-pretrained", action="store_true",
                         help="keep the config's pretrained setting (default: build with pretrained: false)")
-    options, overrides = parser.parse_known_args(list(args))
+    from polytask.cli import instantiate, parse_tool_args
 
-    from polytask.cli import instantiate
+    options, overrides = parse_tool_args(parser, args)
 
     if not options.load_pretrained:
         overrides = ["--model.net.init_args.pretrained=false", *overrides]
@@ -52,11 +54,9 @@ def summary_main(args: Sequence[str]) -> int:
     if size is None:
         parser.error("the config does not say its training resolution; give --image-size H W")
     summary = summarize(net, size)
-    name = f"{type(net).__name__} ({', '.join(options.config)})"
+    name = f"{type(net).__name__} ({', '.join(options.config) or 'polytask defaults'})"
     print(format_summary(summary, name))
     if options.json:
-        path = Path(options.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"configs": list(options.config), "net": type(net).__name__, **summary.as_dict()}
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_atomic(Path(options.json), payload)
     return 0

@@ -93,7 +93,11 @@ def _task_spec(name: str, entry: Any, path: Path) -> TaskSpec:
     classes = entry.get("classes")
     if kind in SEGMENTATION_KINDS and (not isinstance(classes, list) or len(classes) < 2):
         raise DataFileError(path, "format", f"task {name!r} ({kind}): 'classes' must list at least 2 class names")
-    return TaskSpec(kind, tuple(str(c) for c in classes or ()), float(entry.get("png_scale", 1000.0)))
+    names = [str(c) for c in classes or ()]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise DataFileError(path, "format", f"task {name!r} ({kind}): class name(s) {repeated} listed more than once")
+    return TaskSpec(kind, tuple(names), float(entry.get("png_scale", 1000.0)))
 
 
 def read_spec(root: Path) -> FolderSpec:
@@ -246,6 +250,11 @@ class FolderDataModule(FileDataModule):
         fallback = "test" if "test" in self.spec.splits else "val"
         self.stage_splits = {"train": "train", "val": "val", "test": fallback, "predict": fallback}
         super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+
+    @property
+    def spec_path(self) -> Path:
+        """The ``polytask.yaml`` the tasks come from."""
+        return self.root / SPEC_FILE
 
     def available_tasks(self) -> list[Task]:
         tasks = []

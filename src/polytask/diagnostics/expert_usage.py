@@ -17,10 +17,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 from polytask.training.report import write_json_atomic
@@ -97,6 +99,36 @@ def usage_payload(
     }
 
 
+def usage_summary(
+    means: Sequence[torch.Tensor], tasks: Sequence[str], slots: Sequence[Sequence[str]], blocks: Sequence[int],
+    title: str = "expert usage",
+) -> Table:
+    """A short table of mean gate weights: per task (rows) and MMoE layer (columns), the most used
+    expert and its weight, and the memory's weight where the layer reads it.
+
+    Args:
+        means: per layer ``(T, S)`` mean gate weights.
+        tasks: ``T`` task names.
+        slots: per layer the ``S`` slot names (``e0 .. e{N-1}``, then ``memory`` when read).
+        blocks: per layer the ViT block it follows.
+    """
+    table = Table(title=title, caption="top expert and its mean gate weight; mem: the memory's weight")
+    table.add_column("task", style="bold")
+    for block in blocks:
+        table.add_column(f"block {block}")
+    for i, task in enumerate(tasks):
+        cells = []
+        for m, names in zip(means, slots):
+            experts = [j for j, name in enumerate(names) if name != "memory"]
+            top = max(experts, key=lambda j: float(m[i, j]))
+            cell = f"{names[top]} {float(m[i, top]):.2f}"
+            if "memory" in names:
+                cell += f"  mem {float(m[i, list(names).index('memory')]):.2f}"
+            cells.append(cell)
+        table.add_row(task, *cells)
+    return table
+
+
 def plot_usage_heatmaps(
     means: Sequence[torch.Tensor],
     tasks: Sequence[str],
@@ -130,8 +162,10 @@ class ExpertUsageMonitor(pl.Callback):
 
     After every validation (not the sanity check) it sums the statistics over processes, logs
     ``experts/block<b>/<task>/<slot>`` and writes ``<dir>/step<step>.png`` (heatmaps, one panel
-    per layer) and ``<dir>/step<step>.json``.
-    Networks without gates are left alone (with a warning).
+    per layer) and ``<dir>/step<step>.json``. When ``fit`` ends it prints a short summary of the
+    last validation's usage (per task and layer the most used expert, and the memory's share)
+    and where the picture is. Networks without gates are left alone, silently: every polytask run
+    has this callback (:mod:`polytask.training.standard_callbacks`).
 
     Under DDP every process takes part in the sums and in resolving the directory (reading
     ``trainer.log_dir`` is a broadcast: on rank 0 alone it would wait forever for the others);
@@ -147,12 +181,14 @@ class ExpertUsageMonitor(pl.Callback):
         self.log_scalars = log_scalars
         self.usage = GateUsage()
         self._net: GateRecorder | None = None
+        self._last: tuple[int, list[torch.Tensor], list[str], list[list[str]], list[int], Path] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._net = None if trainer.sanity_checking else gate_recorder_of(pl_module)
         if self._net is None:
-            if not trainer.sanity_checking:
-                rank_zero_warn(f"ExpertUsageMonitor: {type(pl_module).__name__} records no gate weights")
             return
         self.usage.reset()
         self._net.record_gates = True
@@ -180,6 +216,20 @@ class ExpertUsageMonitor(pl.Callback):
             })
         out_dir = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "expert_usage"
         self._write(trainer, out_dir, means, tasks, slots, blocks)
+        self._last = (trainer.global_step, means, tasks, slots, blocks, out_dir / f"step{trainer.global_step:07d}.png")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last is not None:
+            self._print_summary(*self._last)
+
+    @staticmethod
+    @rank_zero_only
+    def _print_summary(step: int, means: list[torch.Tensor], tasks: list[str], slots: list[list[str]],
+                       blocks: list[int], picture: Path) -> None:
+        """Print :func:`usage_summary` of the last validation and where its picture is (rank 0 only)."""
+        console = Console()
+        console.print(usage_summary(means, tasks, slots, blocks, f"expert usage (validation, step {step})"))
+        console.print(f"expert-usage picture: {picture}", soft_wrap=True)
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, out_dir: Path, means: list[torch.Tensor], tasks: list[str],
@@ -300,19 +350,21 @@ def _load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 def expert_usage_main(args: Sequence[str]) -> int:
     """``polytask experts``: dominant-expert maps of one image for a config (and checkpoint).
 
-    Unknown ``--key value`` arguments are passed to the config as overrides.
+    Without ``--config``, the main job's network (polytask's defaults). Other ``--key value``
+    arguments are config overrides, as for ``polytask fit``.
     """
     parser = argparse.ArgumentParser(prog="polytask experts", description=expert_usage_main.__doc__)
-    parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable, applied in order)")
-    parser.add_argument("--ckpt_path", "--ckpt", dest="ckpt_path",
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config (repeatable, applied in order over polytask's defaults)")
+    parser.add_argument("--ckpt_path", "--weights", dest="ckpt_path",
                         help="weights to load: a Lightning checkpoint or exported .safetensors (default: the config's initial weights)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file (resized to the network's resolution)")
     source.add_argument("--index", type=int, help="index of a sample of the datamodule's validation split")
     parser.add_argument("--out", required=True, help="PNG file to write")
-    options, overrides = parser.parse_known_args(list(args))
+    from polytask.cli import instantiate, parse_tool_args
 
-    from polytask.cli import instantiate
+    options, overrides = parse_tool_args(parser, args)
     from polytask.data.predict import BadImageError
     from polytask.training.checkpoint import load_weights
 

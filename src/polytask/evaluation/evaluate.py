@@ -7,12 +7,17 @@ predictions by :mod:`polytask.evaluation.prediction_io`. Every task is scored by
 :class:`~polytask.evaluation.boundary.BoundaryEvaluator` (odsF / oisF / AP) with the dataset's
 ``MAX_DIST``, on the chosen boundary subset.
 
+Segmentation tasks also get their per-class IoU under the split-level protocol, keyed by the class
+names of the task the dataset builds (e.g. the ``classes`` of a folder dataset's ``polytask.yaml``).
+
 ``protocol="maximum_roaming"`` scores with the metrics of Maximum Roaming's scripts instead
 (:mod:`polytask.metrics.maximum_roaming`), fed the split in file order in batches of the
 scripts' batch size (:data:`MAXIMUM_ROAMING_BATCH_SIZE`), as their evaluation loops are.
 
 All prediction files are checked (presence, format, size) before anything is scored; every
-problem is listed by file name and the command exits with status 1 without results.
+problem is listed by file name and the command exits with status 1 without results. A folder of
+the prediction directory that names no task of the dataset (other than the PredictionWriter's
+``pictures``) is such a problem too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 from torchmetrics import Metric
 
 from polytask.data.check import registry
@@ -36,16 +42,21 @@ from polytask.data.io import DataFileError, FileDataset, mat_array, read_lines
 from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
 from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
 from polytask.metrics import METRIC_PROTOCOLS, MetricProtocol, check_protocol, protocol_setting
-from polytask.tasks import EdgeTask, SaliencyTask, Task
+from polytask.metrics.segmentation import SegmentationMetric
+from polytask.tasks import EdgeTask, SaliencyTask, SegmentationTask, Task
 from polytask.training.report import metric_table, write_json_atomic
 
-DATASETS: tuple[str, ...] = ("pascal_context", "nyud", "nyuv2_mtan", "cityscapes_mtan")
+DATASETS: tuple[str, ...] = ("pascal_context", "nyud", "nyuv2_mtan", "cityscapes_mtan", "folder")
 
 #: Batch size of the evaluation loops of Maximum Roaming's scripts (their ``--batch_size``
 #: default, shared by training and evaluation): ``nyuv2/train_*.py`` 2, ``cityscapes/train_*.py``
 #: 8. (CelebA's 256 applies in memory only: attribute predictions have no file format.)
 MAXIMUM_ROAMING_BATCH_SIZE: dict[str, int] = {"nyuv2_mtan": 2, "cityscapes_mtan": 8}
 BoundarySubset = Literal["all", "test_new"]
+
+#: Folders of a prediction directory that hold no task's predictions: the pictures the
+#: PredictionWriter draws next to the prediction files (``PRED/pictures/<id>.png``).
+NON_TASK_FOLDERS: frozenset[str] = frozenset({"pictures"})
 
 #: SHA-256 of SEISM's ``src/gt_wrappers/gt_sets/PASCALContext/test_new.txt`` (2,498 val ids, sorted,
 #: one per line with a final newline), to recognise the list without shipping it.
@@ -114,6 +125,11 @@ def boundary_selection(
         EvaluationSetupError: ``test_new`` on another split, a PASCAL ``test_new`` without
             SEISM's list, an unreadable or empty id file, or ids not in the split.
     """
+    if subset == "test_new" and dataset_name not in SEISM_GROUND_TRUTH:
+        raise EvaluationSetupError(
+            f"boundary subset test_new is SEISM's list of {sorted(SEISM_GROUND_TRUTH)}, not of {dataset_name!r}; "
+            "pass --boundary-ids FILE to score the boundaries of a subset"
+        )
     if subset == "test_new" and split != "val":
         raise EvaluationSetupError(f"boundary subset test_new is part of the val split, not of {split!r}")
     if ids_file is None:
@@ -153,6 +169,8 @@ class EvaluationReport:
         dataset, split, root, pred_dir: what was evaluated.
         n_images: images of the split.
         results: ``{task: {metric: value}}`` (empty when there were problems).
+        per_class_iou: ``{task: {class name: IoU}}`` in percent for the segmentation tasks scored
+            by the split-level metric, classes in id order (empty when there were problems).
         settings: the protocol settings the numbers depend on (JSON-serialisable).
         notes: one line per setting, for tables.
         problems: one line per missing or malformed file, naming it.
@@ -164,6 +182,7 @@ class EvaluationReport:
     pred_dir: Path
     n_images: int
     results: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_class_iou: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -182,27 +201,78 @@ class EvaluationReport:
             "n_images": self.n_images,
             "settings": self.settings,
             "results": self.results,
+            "per_class_iou": self.per_class_iou,
         }
 
 
-def load_split(dataset_name: str, root: Path, split: str, task_names: Sequence[str] | None) -> tuple[FileDataset, list[Task]]:
+@dataclass
+class LoadedSplit:
+    """The split :func:`load_split` built.
+
+    Attributes:
+        dataset: the untransformed split.
+        tasks: the tasks to score.
+        split: the on-disk split (the default resolved).
+        dataset_tasks: every task the dataset has, by name.
+        task_source: where the dataset's tasks are declared, if a file does (a folder dataset's
+            ``polytask.yaml``), for messages.
+    """
+
+    dataset: FileDataset
+    tasks: list[Task]
+    split: str
+    dataset_tasks: list[str]
+    task_source: Path | None = None
+
+
+def load_split(dataset_name: str, root: Path, split: str | None, task_names: Sequence[str] | None) -> LoadedSplit:
     """The untransformed dataset of ``split`` and its tasks.
 
+    Args:
+        dataset_name: one of :data:`DATASETS`.
+        root: the dataset directory.
+        split: an on-disk split; None: the split the dataset's test stage reads (``val`` for the
+            benchmarks; for a folder dataset ``test`` when it has one, else ``val``).
+        task_names: tasks to score (default: all the dataset's).
+
     Raises:
-        EvaluationSetupError: unknown dataset, split or task, or a root that cannot be listed.
+        EvaluationSetupError: unknown dataset, split or task, or a root that cannot be listed
+            (for a folder dataset also a missing or malformed ``polytask.yaml``).
     """
     if dataset_name not in DATASETS:
         raise EvaluationSetupError(f"unknown dataset {dataset_name!r}; polytask evaluate knows {list(DATASETS)}")
     module_class = registry()[dataset_name]
-    if split not in module_class.disk_splits:
-        raise EvaluationSetupError(f"{dataset_name} has no split {split!r}; it has {list(module_class.disk_splits)}")
     try:
         module = module_class(root=root, tasks=list(task_names) if task_names else None)
-        return module.build_split(split, module.tasks), list(module.tasks)
     except DataFileError as err:
         raise EvaluationSetupError(f"{dataset_name} root {root}: {err}") from err
     except ValueError as err:
         raise EvaluationSetupError(str(err)) from err
+    split = split or module.stage_splits["test"]
+    if split not in module.disk_splits:
+        raise EvaluationSetupError(f"{dataset_name} has no split {split!r}; it has {list(module.disk_splits)}")
+    try:
+        dataset = module.build_split(split, module.tasks)
+    except DataFileError as err:
+        raise EvaluationSetupError(f"{dataset_name} root {root}: {err}") from err
+    except ValueError as err:
+        raise EvaluationSetupError(str(err)) from err
+    return LoadedSplit(
+        dataset, list(module.tasks), split, [t.name for t in module.available_tasks()], getattr(module, "spec_path", None)
+    )
+
+
+def unknown_task_folders(pred_dir: Path, loaded: LoadedSplit, dataset_name: str) -> list[str]:
+    """One line per folder of ``pred_dir`` that names no task of the dataset (hidden folders and
+    :data:`NON_TASK_FOLDERS` aside)."""
+    known = set(loaded.dataset_tasks)
+    where = str(loaded.task_source) if loaded.task_source is not None else f"the {dataset_name} dataset"
+    return [
+        f"{folder}: predictions of task {folder.name!r}, which {where} does not define "
+        f"(its tasks: {', '.join(loaded.dataset_tasks)}); rename the folder or remove it"
+        for folder in sorted(pred_dir.iterdir())
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in known | NON_TASK_FOLDERS
+    ]
 
 
 def check_predictions(dataset: FileDataset, tasks: Sequence[Task], pred_dir: Path) -> list[str]:
@@ -230,6 +300,13 @@ def check_predictions(dataset: FileDataset, tasks: Sequence[Task], pred_dir: Pat
             except PredictionFileError as err:
                 problems.append(str(err))
     return problems
+
+
+def per_class_iou(task: Task, metric: Metric) -> dict[str, float] | None:
+    """``{class name: IoU}`` in percent of a segmentation task's split-level metric, classes in id order; None otherwise."""
+    if not isinstance(task, SegmentationTask) or not isinstance(metric, SegmentationMetric):
+        return None
+    return {name: float(v) for name, v in zip(task.class_names, metric.per_class_iou().tolist(), strict=True)}
 
 
 def seism_ground_truth(dataset_name: str, dataset: FileDataset, index: int, target: torch.Tensor) -> np.ndarray:
@@ -318,8 +395,11 @@ def _score_samples(
     problems: MutableSequence[str],
     progress: Progress,
     batch_size: int = 1,
+    seism: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Update ``metrics`` with batches of ``batch_size`` consecutive samples; yield edge ``(probability, SEISM gt)`` pairs.
+
+    ``seism=False`` (a dataset without SEISM protocol): the edge task updates its metric only, no pair is yielded.
 
     Problems are appended to ``problems``; once there is one, no more boundary pairs are yielded
     (no result will be reported) but every remaining file is still read to list all problems.
@@ -335,7 +415,7 @@ def _score_samples(
             try:
                 pred = read_prediction(pred_dir, task, sample_id, shape)
                 target = dataset.validated_target(index, task.name)
-                gt = seism_ground_truth(dataset_name, dataset, index, target) if edge else None
+                gt = seism_ground_truth(dataset_name, dataset, index, target) if edge and seism else None
             except PredictionFileError as err:
                 problems.append(str(err))
                 continue
@@ -359,7 +439,7 @@ def evaluate_predictions(
     dataset_name: str,
     root: str | Path,
     pred_dir: str | Path,
-    split: str = "val",
+    split: str | None = None,
     tasks: Sequence[str] | None = None,
     boundary_subset: BoundarySubset = "all",
     boundary_ids: str | Path | None = None,
@@ -375,7 +455,9 @@ def evaluate_predictions(
         dataset_name: one of :data:`DATASETS`.
         root: the dataset directory.
         pred_dir: the prediction folder (``<task>/<id>.png|.npy``).
-        split: the split whose ids and ground truth are used.
+        split: the split whose ids and ground truth are used (default: the split the dataset's
+            test stage reads: ``val`` for the benchmarks, ``test`` or else ``val`` for a folder
+            dataset).
         tasks: task names (default: every task of the dataset).
         boundary_subset: ``all`` or ``test_new`` (see :func:`boundary_selection`).
         boundary_ids: a file of ids the boundaries are scored on.
@@ -387,7 +469,8 @@ def evaluate_predictions(
             batch size of Maximum Roaming's scripts, :data:`MAXIMUM_ROAMING_BATCH_SIZE`).
 
     Returns:
-        The report; ``results`` is empty and ``problems`` lists every file problem when any.
+        The report; ``results`` and ``per_class_iou`` are empty and ``problems`` lists every
+        file problem when any.
 
     Raises:
         EvaluationSetupError: see :func:`load_split`, :func:`boundary_selection` and
@@ -399,13 +482,15 @@ def evaluate_predictions(
     if not pred_dir.is_dir():
         raise EvaluationSetupError(f"prediction folder {pred_dir} does not exist")
     batch_size = protocol_batch_size(dataset_name, protocol, batch_size)
-    dataset, task_list = load_split(dataset_name, root, split, tasks)
+    loaded = load_split(dataset_name, root, split, tasks)
+    dataset, task_list, split = loaded.dataset, loaded.tasks, loaded.split
     task_list = [SaliencyTask(t.name, legacy_sigmoid=legacy_sigmoid) if isinstance(t, SaliencyTask) else t for t in task_list]
     try:
         metrics = {t.name: t.make_metric(protocol) for t in task_list}
     except ValueError as err:
         raise EvaluationSetupError(str(err)) from err
     has_edge = any(isinstance(t, EdgeTask) for t in task_list)
+    use_seism = has_edge and dataset_name in SEISM_GROUND_TRUTH
     if not has_edge and (boundary_ids is not None or boundary_subset != "all"):
         raise EvaluationSetupError("a boundary subset was given but the edge task is not evaluated")
     ids_file = Path(boundary_ids) if boundary_ids is not None else None
@@ -423,7 +508,19 @@ def evaluate_predictions(
         report.settings["saliency_legacy_sigmoid"] = legacy_sigmoid
         report.notes.append(saliency_setting(legacy_sigmoid))
     n_boundary = len(dataset) if selection.ids is None else len(selection.ids)
-    if has_edge:
+    if has_edge and not use_seism:
+        report.settings["boundary"] = {
+            "subset": selection.name,
+            "ids_file": str(selection.source) if selection.source else None,
+            "n_images": n_boundary,
+            "max_dist": None,
+            "ground_truth": "the edge target (F_tol only)",
+        }
+        report.notes.append(
+            f"edge: F_tol only (the training monitor on the edge targets), subset {selection.describe(len(dataset))}; "
+            f"SEISM odsF/oisF/ap are defined for {', '.join(sorted(SEISM_GROUND_TRUTH))} only"
+        )
+    if use_seism:
         report.settings["boundary"] = {
             "subset": selection.name,
             "ids_file": str(selection.source) if selection.source else None,
@@ -437,13 +534,14 @@ def evaluate_predictions(
             "F_tol: the training monitor on the training target, same subset"
         )
 
-    report.problems = check_predictions(dataset, task_list, pred_dir)
+    report.problems = [*unknown_task_folders(pred_dir, loaded, dataset_name), *check_predictions(dataset, task_list, pred_dir)]
     if report.problems:
         return report
-    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers) if has_edge else None
+    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers) if use_seism else None
     with Progress(console=console, transient=True, disable=console is None) as progress:
         pairs = _score_samples(
-            dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size
+            dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size,
+            seism=evaluator is not None,
         )
         counts = evaluator.evaluate_counts(pairs) if evaluator is not None else list(pairs)
     if report.problems:
@@ -454,6 +552,9 @@ def evaluate_predictions(
             seism = summarize_images(evaluator.thresholds, counts)
             values = {"odsF": 100.0 * seism.ods_f, "oisF": 100.0 * seism.ois_f, "ap": 100.0 * seism.ap, **values}
         report.results[task.name] = values
+        per_class = per_class_iou(task, metrics[task.name])
+        if per_class is not None:
+            report.per_class_iou[task.name] = per_class
     return report
 
 
@@ -473,18 +574,36 @@ def render(report: EvaluationReport, console: Console) -> None:
     table.caption = "\n".join(report.notes) or None
     table.caption_justify = "left"
     console.print(table)
+    for task, values in report.per_class_iou.items():
+        console.print(per_class_table(task, values))
+
+
+def per_class_table(task: str, values: dict[str, float]) -> Table:
+    """One row per class of ``task``: its id, name and IoU (percent)."""
+    title = f"{task}: IoU per class (%)"
+    table = Table(title=title, min_width=len(title) + 2)
+    table.add_column("id", justify="right")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for class_id, (name, iou) in enumerate(values.items()):
+        table.add_row(str(class_id), name, f"{iou:.2f}")
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``polytask evaluate``."""
     parser = argparse.ArgumentParser(
         prog="polytask evaluate",
-        description="Score saved predictions (PRED/<task>/<id>.png|.npy) against a benchmark's ground truth.",
+        description="Score saved predictions (PRED/<task>/<id>.png|.npy) against a dataset's ground truth.",
     )
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark")
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark, or folder (your own data, see polytask.yaml)")
     parser.add_argument("--root", required=True, type=Path, help="dataset directory")
     parser.add_argument("--pred-dir", required=True, type=Path, help="prediction folder")
-    parser.add_argument("--split", default="val", help="split whose ids and ground truth are used (default: val)")
+    parser.add_argument(
+        "--split",
+        help="split whose ids and ground truth are used (default: the split polytask test reads: val; "
+        "for folder, test when polytask.yaml or splits/test.txt gives one, else val)",
+    )
     parser.add_argument("--tasks", nargs="+", help="tasks to score (default: all tasks of the dataset)")
     parser.add_argument(
         "--boundary-subset", choices=("all", "test_new"), default="all",

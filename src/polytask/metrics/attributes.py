@@ -71,14 +71,14 @@ class AttributeMetric(Metric):
     def _per_attribute(self) -> dict[str, torch.Tensor]:
         total = self.tp + self.fp + self.fn + self.tn
         return {
-            "precision": safe_div(self.tp, self.tp + self.fp),
-            "recall": safe_div(self.tp, self.tp + self.fn),
-            "f1": safe_div(2 * self.tp, 2 * self.tp + self.fp + self.fn),
-            "accuracy": safe_div(self.tp + self.tn, total),
+            "precision": 100.0 * safe_div(self.tp, self.tp + self.fp),
+            "recall": 100.0 * safe_div(self.tp, self.tp + self.fn),
+            "f1": 100.0 * safe_div(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "accuracy": 100.0 * safe_div(self.tp + self.tn, total),
         }
 
     def per_attribute(self) -> dict[str, torch.Tensor]:
-        """``{"precision", "recall", "f1", "accuracy"}``, each ``(K,)`` float64 fractions.
+        """``{"precision", "recall", "f1", "accuracy"}``, each ``(K,)`` float64, in percent.
 
         For averaging over attributes from several groups (e.g. all 40 CelebA attributes).
         """
@@ -86,5 +86,5 @@ class AttributeMetric(Metric):
             return self._per_attribute()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"precision", "recall", "f1", "accuracy"}`` averaged over attributes (fractions)."""
+        """``{"precision", "recall", "f1", "accuracy"}`` averaged over attributes, in percent."""
         return {name: values.mean() for name, values in self._per_attribute().items()}

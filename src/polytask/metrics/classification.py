@@ -9,7 +9,7 @@ from torchmetrics import Metric
 
 
 class ClassificationAccuracy(Metric):
-    """Top-1 accuracy over a split: ``{"accuracy": correct / total}`` (a fraction).
+    """Top-1 accuracy over a split in percent: ``{"accuracy": 100 * correct / total}``.
 
     ``update(pred (B,) int64 labels, target (B,) int64 labels)``.
     """
@@ -35,4 +35,4 @@ class ClassificationAccuracy(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"accuracy": ...}`` (0 for an empty split)."""
-        return {"accuracy": self.correct.double() / self.total.clamp(min=1).double()}
+        return {"accuracy": 100.0 * self.correct.double() / self.total.clamp(min=1).double()}

@@ -538,7 +538,22 @@ class TaskExpert(MultiTaskNet):
         return memory, gates_per_layer
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W) or (B, C_t)}``."""
+        """``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W) or (B, C_t)}``.
+
+        A size that is not a multiple of the patch size is padded with zeros at the bottom and
+        right (the mean colour of normalised images) to the next multiple, and the dense outputs
+        are cropped back to ``(H, W)``: every pixel keeps its place on the token grid.
+        """
+        height, width = images.shape[-2:]
+        patch_h, patch_w = self.backbone.patch_embed.patch_size
+        pad_h, pad_w = -height % patch_h, -width % patch_w
+        if not (pad_h or pad_w):
+            return self._forward_padded(images)
+        outputs = self._forward_padded(F.pad(images, (0, pad_w, 0, pad_h)))
+        return {name: out[..., :height, :width] if out.dim() == 4 else out for name, out in outputs.items()}
+
+    def _forward_padded(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward` of images whose size is a multiple of the patch size."""
         b = images.shape[0]
         size = (images.shape[-2], images.shape[-1])
         h, w = self.backbone.patch_embed.dynamic_feat_size(size)

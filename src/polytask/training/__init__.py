@@ -14,6 +14,7 @@ from polytask.training.per_task import GradientMismatchError, PerTaskModule, all
 from polytask.training.prediction_writer import PredictionWriter
 from polytask.training.report import MetricReport
 from polytask.training.schedulers import build_scheduler, lr_factor
+from polytask.training.validation_images import ValidationImages
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -27,6 +28,7 @@ __all__ = [
     "PredictionWriter",
     "ResumableCheckpoint",
     "UnsafeCheckpointError",
+    "ValidationImages",
     "all_reduce_gradients",
     "build_scheduler",
     "export_safetensors",

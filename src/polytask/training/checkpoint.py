@@ -31,7 +31,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -128,8 +128,13 @@ def check_plain(value: Any, where: str = "checkpoint") -> None:
     )
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        mmap: map the tensors' storage instead of reading it (cheap when only plain values are needed).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
@@ -139,8 +144,14 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if file_kind(path) == "safetensors":
+        raise CheckpointError(
+            f"{path} is a safetensors file of network weights, not a Lightning checkpoint: it holds no optimizer "
+            "state or training position to resume from. Load it with --weights "
+            f"{path} (validate, test and predict also take it as --ckpt_path; fit starts from it with --weights)"
+        )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"refused to load {path}: it holds pickled Python objects besides tensors and plain values, "
@@ -152,6 +163,18 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict")
     return checkpoint
+
+
+def file_kind(path: str | Path) -> Literal["torch", "safetensors", "other"]:
+    """What a weights file is, from its first bytes: a ``torch.save`` file (zip or legacy pickle),
+    a safetensors file (8-byte little-endian header length, then the JSON header), or something else."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return "other"
 
 
 def _torch_reason(err: BaseException) -> str:
@@ -225,17 +248,25 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
         root = self.runs_root(trainer)
-        if root is None:
-            return found
-        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-\d+)?{re.escape(self.FILE_EXTENSION)}$")
-        found.update(os.path.normpath(p) for p in root.glob("*/checkpoints/*") if pattern.match(p.name))
-        return found
+        return found if root is None else found | last_files(root)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Write ``last.ckpt`` at the final step unless a save of that step happened already."""
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def last_files(root: str | Path) -> set[str]:
+    """The ``last.ckpt`` (and ``last-N.ckpt``) files of every run under ``root``: ``root/*/checkpoints/``."""
+    name, suffix = ModelCheckpoint.CHECKPOINT_NAME_LAST, ModelCheckpoint.FILE_EXTENSION
+    pattern = re.compile(rf"^{re.escape(name)}(-\d+)?{re.escape(suffix)}$")
+    return {os.path.normpath(p) for p in Path(root).glob("*/checkpoints/*") if pattern.match(p.name)}
+
+
+def newest(paths: Sequence[str]) -> str | None:
+    """The most recently modified of ``paths`` (Lightning's choice among ``last`` candidates), None if empty."""
+    return max(paths, key=lambda p: get_filesystem(p).modified(p), default=None)
 
 
 def last_checkpoints(trainer: Any) -> list[str]:
@@ -371,20 +402,37 @@ def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> Pat
     return atomic_write(out_path, lambda f: f.write(payload))
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Network weights and recorded JSON config of a ``.safetensors`` file or a Lightning checkpoint."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None, tuple[int, int] | None]:
+    """Network weights, recorded JSON config and ``(epoch, global step)`` of a ``.safetensors`` file
+    or a Lightning checkpoint; the kind is told by the file's content, not its name.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: neither kind, or unreadable, or without network weights; the message says
+            what the file is instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix != ".safetensors":
+    kind = file_kind(path)
+    if kind == "torch":
         checkpoint = read_checkpoint(path)
-        return net_state_dict(checkpoint, str(path)), checkpoint_config(checkpoint)
+        position = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+        return net_state_dict(checkpoint, str(path)), checkpoint_config(checkpoint), position
+    if kind == "other":
+        raise CheckpointError(
+            f"{path} is neither a safetensors file nor a torch checkpoint (expected the .safetensors of `polytask "
+            "export` or a .ckpt written by `polytask fit`)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return load_safetensors(str(path)), metadata.get("polytask_config") or None
+        weights = load_safetensors(str(path))
     except Exception as err:  # safetensors raises its own SafetensorError for bad files
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    epoch, step = metadata.get("epoch", ""), metadata.get("global_step", "")
+    position = (int(epoch), int(step)) if epoch.isdigit() and step.isdigit() else None
+    return weights, metadata.get("polytask_config") or None, position
 
 
 def load_weights(module_or_net: nn.Module, path: str | Path) -> nn.Module:
@@ -401,19 +449,21 @@ def load_weights(module_or_net: nn.Module, path: str | Path) -> nn.Module:
         CheckpointMismatchError: keys or shapes differ; the message lists them and both configs.
     """
     net = getattr(module_or_net, "net", module_or_net)
-    weights, file_config = read_weights(path)
+    weights, file_config, position = read_weights(path)
     problems = state_dict_mismatch(net.state_dict(), weights)
     if problems:
         model_config = getattr(module_or_net, "config_json", None) or json.dumps(describe_net(net))
         raise mismatch_error(str(path), problems, file_config, model_config)
     net.load_state_dict(weights)
+    if position is not None and hasattr(module_or_net, "loaded_position"):
+        module_or_net.loaded_position = position
     return net
 
 
 def export_main(args: Sequence[str]) -> int:
-    """``polytask export --ckpt RUN.ckpt --out WEIGHTS.safetensors``: network weights to safetensors."""
+    """``polytask export --ckpt_path RUN.ckpt --out WEIGHTS.safetensors``: network weights to safetensors."""
     parser = argparse.ArgumentParser(prog="polytask export", description=export_main.__doc__)
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `polytask fit`")
+    parser.add_argument("--ckpt_path", "--ckpt", dest="ckpt", required=True, help="Lightning checkpoint written by `polytask fit`")
     parser.add_argument("--out", help="output .safetensors file (default: the checkpoint's name with .safetensors)")
     options = parser.parse_args(list(args))
     out = Path(options.out) if options.out else Path(options.ckpt).with_suffix(".safetensors")

@@ -70,7 +70,7 @@ class MetricReport(pl.Callback):
         if settings:
             table.caption = "; ".join(f"{k}: {v}" for k, v in settings.items())
         console.print(table)
-        console.print(f"metrics written to {path}")
+        console.print(f"metrics written to {path}", soft_wrap=True)
 
     @staticmethod
     def _results(pl_module: pl.LightningModule, stage: str) -> dict[str, dict[str, float]] | None:
