@@ -206,10 +206,13 @@ def default_configs(args: Sequence[str]) -> list[str]:
 
 def with_defaults(args: Sequence[str]) -> list[str]:
     """Insert polytask's default configs (:func:`default_configs`) right after the subcommand, so
-    later configs override them."""
+    later configs override them (and, for validate/test, ``--verbose false``: the metric table is
+    MetricReport's)."""
     args = list(args)
     if args and args[0] in LIGHTNING_COMMANDS:
         defaults = [a for path in default_configs(args[1:]) for a in ("--config", path)]
+        if args[0] in ("validate", "test"):  # MetricReport prints the metric table; Lightning's own repeats it
+            defaults += ["--verbose", "false"]
         return [args[0], *defaults, *args[1:]]
     return args
 
