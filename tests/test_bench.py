@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,11 +22,13 @@ from polytask.bench import (
     bench_main,
     config_chain,
     fit_batch,
+    interleave_sides,
     make_bare_net,
     peak_memory_mb,
     ratios,
     synthetic_batch,
     time_interleaved,
+    versus_comparison,
 )
 from polytask.data import SynthScenesDataModule
 from polytask.models import HardSharing
@@ -213,3 +216,68 @@ def test_bench_profile_on_cpu_prints_no_gpu_probing_errors(workdir: Path) -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     assert "aten::" in done.stdout  # the profile ran
     assert "gpuGetDeviceCount" not in done.stderr + done.stdout
+
+
+def test_versus_times_two_configs_in_one_interleaved_run(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import polytask.bench as bench
+
+    calls: list[str] = []
+    timed = bench.time_interleaved
+
+    def recording(variants: list[Variant], warmup: int, repeats: int, device: torch.device) -> object:
+        def record(variant: Variant) -> Variant:
+            return dataclasses.replace(variant, run=lambda: (calls.append(variant.key), variant.run())[-1])
+
+        return timed([record(v) for v in variants], warmup, repeats, device)
+
+    monkeypatch.setattr(bench, "time_interleaved", recording)
+    out = workdir / "versus.json"
+    args = ["--config", str(REPO / "configs" / "hard_sharing_synthscenes.yaml"), "--versus", str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
+    args += ["--image-size", "32", "32", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--threads", "1"]
+    assert bench_main([*args, "--no-memory", "--no-bare", "--loader-batches", "0", "--json", str(out)]) == 0
+
+    report = json.loads(out.read_text())
+    versus = report["versus"]
+    assert report["model"] == "HardSharing" and versus["model"] == "ETRNLPSegNet"
+    assert versus["configs"] == [str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
+    assert versus["image_size"] == report["image_size"] == [32, 32] and versus["batch_size"] == report["batch_size"] == 2
+    base = {r["key"]: r for r in report["devices"][0]["results"]}
+    other = {r["key"]: r for r in versus["devices"][0]["results"]}
+    common = sorted(set(base) & set(other))
+    assert common == ["model/fp32/eager/infer", "model/fp32/eager/train"] and "per_task/fp32/eager/train" in other
+    assert sorted(versus["ratios"]) == [f"versus_over_base/{k}" for k in common]
+    for key in common:
+        assert len(base[key]["times_ms"]) == len(other[key]["times_ms"]) == 2
+        assert versus["ratios"][f"versus_over_base/{key}"] == pytest.approx(other[key]["median_ms"] / base[key]["median_ms"], rel=1e-12)
+    assert [row["key"] for row in versus["comparison"]] == [k for k in base if k in other]
+    # one timed call per variant per round; within a round the common variants' calls alternate between the sides
+    rounds = [calls[:6], calls[6:]]
+    assert len(calls) == 12 and all(sorted(r) == sorted(calls[:6]) for r in rounds)
+    for round_ in rounds:
+        sides = [key.partition(":")[0] for key in round_ if key.partition(":")[2] in common]
+        assert sides in (["base", "versus"] * 2, ["versus", "base"] * 2), round_
+
+
+def test_interleave_sides_pairs_the_common_variants() -> None:
+    def variants(*nets: str) -> list[Variant]:
+        return [Variant(n, "fp32", False, phase, lambda: None, lambda: None) for n in nets for phase in ("train", "infer")]
+
+    order = [v.key for v in interleave_sides(variants("model", "bare"), variants("model", "per_task"))]
+    assert order == [
+        "base:model/fp32/eager/train", "versus:model/fp32/eager/train", "base:model/fp32/eager/infer",
+        "versus:model/fp32/eager/infer", "base:bare/fp32/eager/train", "base:bare/fp32/eager/infer",
+        "versus:per_task/fp32/eager/train", "versus:per_task/fp32/eager/infer",
+    ]
+
+
+def test_versus_comparison_is_versus_over_base_for_common_variants() -> None:
+    base = [{"key": "model/fp32/eager/train", "median_ms": 4.0}, {"key": "bare/fp32/eager/train", "median_ms": 1.0}]
+    other = [{"key": "model/fp32/eager/train", "median_ms": 10.0}, {"key": "per_task/fp32/eager/train", "median_ms": 3.0}]
+    assert versus_comparison(base, other) == [
+        {"key": "model/fp32/eager/train", "base_median_ms": 4.0, "versus_median_ms": 10.0, "ratio": 2.5}
+    ]
+
+
+def test_versus_refuses_several_devices() -> None:
+    with pytest.raises(SystemExit, match="one --device"):
+        bench_main(["--versus", "x.yaml", "--device", "cpu", "--device", "cpu"])

@@ -23,7 +23,11 @@ in order, as for ``fit``), at the config's resolution, ``--image-size``, or a re
   no gradient in a training step (DDP's ``find_unused_parameters``);
 * with ``--profile N``, the N operators with the most self time in one call of every variant;
 * samples/s of the config's training loader (:mod:`polytask.bench_loader`), next to the training
-  step's samples/s.
+  step's samples/s;
+* with ``--versus B`` (several are merged in order, as ``--config``), another config timed against
+  this one in the same interleaved run, at the same resolution and batch size (``--image-size`` /
+  ``--batch-size`` or the first config's) and with the same overrides: every variant both sides
+  run (same precisions, eager/compiled, train/infer) gets ``time(B) / time(A)`` of their medians.
 
 Inputs: the loader's first batch (brought to the benchmark's resolution and batch size). When the
 dataset's files are absent the loader is skipped with the reason and random images and targets
@@ -39,6 +43,7 @@ Usage::
 
     polytask bench --config configs/taskexpert_synthscenes.yaml --modes fp32,bf16 --compile --json out.json
     polytask bench --config CFG --image-size 224 224 -- --model.net.init_args.backbone vit_small_patch16_224
+    polytask bench --config configs/hard_sharing_synthscenes.yaml --versus configs/etr_nlp_synthscenes.yaml --image-size 64 64
 
 Arguments that are not bench options are config overrides, as on the ``fit`` command line (after a
 ``--`` separator, even those that look like bench options).
@@ -58,7 +63,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -712,25 +717,31 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def bench_device(
+@dataclass
+class DeviceSide:
+    """One experiment on one device, ready to time: its nets, its variants, what was skipped."""
+
+    experiment: Experiment
+    device: torch.device
+    nets: dict[str, nn.Module]
+    variants: list[Variant]
+    batch_size: int
+    skipped: dict[str, str]
+
+
+def _device_side(
     experiment: Experiment,
     device: torch.device,
     batch: Mapping[str, torch.Tensor],
     precisions: Sequence[str],
     compile_nets: bool,
-    warmup: int,
-    steps: int,
     with_bare: bool,
-    memory: bool,
-    loader: LoaderStats | None,
-    profile_ops: int = 0,
-) -> dict[str, Any]:
-    """Time, and (with ``memory``) measure the peak memory of, every variant of ``experiment`` on ``device`` with ``batch``."""
+) -> DeviceSide:
+    """Move ``experiment`` to ``device`` and build its variants (``model``, ``bare``, ``per_task``) on ``batch``."""
     module = experiment.module.to(device)
     net = module.net
     batch = {k: v.to(device) for k, v in batch.items()}
     image_size = tuple(batch["image"].shape[-2:])
-    batch_size = int(batch["image"].shape[0])
     skipped: dict[str, str] = {}
     nets: dict[str, nn.Module] = {"model": net}
     if with_bare:
@@ -744,19 +755,30 @@ def bench_device(
     else:
         skipped["per_task"] = f"{type(net).__name__} has no per-task mode (`forward_task`)"
     variants = build_variants(nets, module, batch, precisions, compile_nets, device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
-        times, failed = time_interleaved(variants, warmup, steps, device)
-        results = [Result(v.net, v.precision, v.compiled, v.phase, times[v.key], batch_size) for v in variants if v.key in times]
-        runs = {v.key: v for v in variants}
-        for result in results if memory else ():
-            runs[result.key].prepare()
-            for n in nets.values():
-                n.zero_grad(set_to_none=True)
-            result.peak_mem_mb = peak_memory_mb(runs[result.key].run, device)
-        unused = _unused_parameters(net, runs.get("model/fp32/eager/train"))
-        profiles = {r.key: top_operators(runs[r.key], device, profile_ops) for r in results} if profile_ops else {}
-    skipped.update({f"variant {k}": v for k, v in failed.items()})
+    return DeviceSide(experiment, device, nets, variants, int(batch["image"].shape[0]), skipped)
+
+
+def _measure_side(
+    side: DeviceSide,
+    times: Mapping[str, list[float]],
+    failed: Mapping[str, str],
+    memory: bool,
+    loader: LoaderStats | None,
+    profile_ops: int = 0,
+) -> dict[str, Any]:
+    """The device report of ``side`` from its timed calls: results, peak memory (with ``memory``),
+    ratios, unused parameters, profiles and what was skipped."""
+    device, nets, variants = side.device, side.nets, side.variants
+    results = [Result(v.net, v.precision, v.compiled, v.phase, list(times[v.key]), side.batch_size) for v in variants if v.key in times]
+    runs = {v.key: v for v in variants}
+    for result in results if memory else ():
+        runs[result.key].prepare()
+        for n in nets.values():
+            n.zero_grad(set_to_none=True)
+        result.peak_mem_mb = peak_memory_mb(runs[result.key].run, device)
+    unused = _unused_parameters(nets["model"], runs.get("model/fp32/eager/train"))
+    profiles = {r.key: top_operators(runs[r.key], device, profile_ops) for r in results} if profile_ops else {}
+    skipped = {**side.skipped, **{f"variant {k}": v for k, v in failed.items()}}
     measured = ratios(results)
     train = next((r for r in results if r.key == "model/fp32/eager/train"), None)
     if loader is not None and train is not None:
@@ -772,6 +794,27 @@ def bench_device(
         "profiles": profiles,
         "skipped": skipped,
     }
+
+
+def bench_device(
+    experiment: Experiment,
+    device: torch.device,
+    batch: Mapping[str, torch.Tensor],
+    precisions: Sequence[str],
+    compile_nets: bool,
+    warmup: int,
+    steps: int,
+    with_bare: bool,
+    memory: bool,
+    loader: LoaderStats | None,
+    profile_ops: int = 0,
+) -> dict[str, Any]:
+    """Time, and (with ``memory``) measure the peak memory of, every variant of ``experiment`` on ``device`` with ``batch``."""
+    side = _device_side(experiment, device, batch, precisions, compile_nets, with_bare)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        times, failed = time_interleaved(side.variants, warmup, steps, device)
+        return _measure_side(side, times, failed, memory, loader, profile_ops)
 
 
 def top_operators(variant: Variant, device: torch.device, count: int) -> list[dict[str, Any]]:
@@ -808,20 +851,24 @@ def _tensors(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def run_bench(
+@dataclass
+class BenchInputs:
+    """What a config is benchmarked with: the report's head (everything but the devices), the batch and the loader's speed."""
+
+    report: dict[str, Any]
+    batch: dict[str, torch.Tensor]
+    loader: LoaderStats | None
+
+
+def bench_inputs(
     experiment: Experiment,
-    devices: Sequence[str],
-    precisions: Sequence[str] = ("fp32",),
-    compile_nets: bool = False,
-    warmup: int = 2,
-    steps: int = 5,
     loader_batches: int = 10,
     with_bare: bool = True,
-    memory: bool = True,
     fallback_image_size: Sequence[int] | None = None,
-    profile_ops: int = 0,
-) -> dict[str, Any]:
-    """Benchmark ``experiment`` on every device; returns the JSON report (see :func:`bench_main`).
+    warmup: int = 2,
+    steps: int = 5,
+) -> BenchInputs:
+    """Measure the loader of ``experiment``, choose the benchmark batch and write the report's head.
 
     The loader is measured first; its first batch is the benchmark input (real targets, ignored
     pixels included; brought to the benchmark's resolution and batch size by :func:`fit_batch`).
@@ -878,13 +925,145 @@ def run_bench(
     bare, _ = make_bare_net(net, module.tasks, image_size) if with_bare else (None, None)
     report["bare_summary"] = summarize(bare, image_size).as_dict() if bare is not None else None
     report["notes"] = list(experiment.notes)
+    return BenchInputs(report, batch, loader)
+
+
+def run_bench(
+    experiment: Experiment,
+    devices: Sequence[str],
+    precisions: Sequence[str] = ("fp32",),
+    compile_nets: bool = False,
+    warmup: int = 2,
+    steps: int = 5,
+    loader_batches: int = 10,
+    with_bare: bool = True,
+    memory: bool = True,
+    fallback_image_size: Sequence[int] | None = None,
+    profile_ops: int = 0,
+) -> dict[str, Any]:
+    """Benchmark ``experiment`` on every device; returns the JSON report (see :func:`bench_main`).
+
+    Inputs as :func:`bench_inputs` chooses them.
+
+    Raises:
+        ValueError: the resolution is unknown (no ``--image-size``, no resolution option, no loader)
+            and no ``fallback_image_size`` is given.
+    """
+    inputs = bench_inputs(experiment, loader_batches, with_bare, fallback_image_size, warmup, steps)
+    report = inputs.report
     report["devices"] = [
         bench_device(
-            experiment, torch.device(d), batch, precisions, compile_nets, warmup, steps, with_bare, memory, loader, profile_ops
+            experiment, torch.device(d), inputs.batch, precisions, compile_nets, warmup, steps, with_bare, memory, inputs.loader,
+            profile_ops,
         )
         for d in devices
     ]
     experiment.module.cpu()
+    report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report
+
+
+VERSUS_SIDES = ("base", "versus")
+"""Tags of the two sides of a ``--versus`` run: ``--config`` (base) and ``--versus``."""
+
+
+def _on_side(variant: Variant, side: str) -> Variant:
+    """``variant`` tagged with its side (``side:`` before its key), for timing both sides in one list."""
+    return replace(variant, net=f"{side}:{variant.net}")
+
+
+def interleave_sides(base: Sequence[Variant], other: Sequence[Variant]) -> list[Variant]:
+    """The variants of both sides in timing order: every base variant directly followed by the
+    other side's variant of the same key, then the other side's variants the base does not have.
+
+    Keys are tagged ``base:`` and ``versus:``. :func:`time_interleaved` runs the list in rounds
+    (rotated by one each round), so the two calls of a common variant alternate in every round.
+    """
+    others = {v.key: v for v in other}
+    order: list[Variant] = []
+    for variant in base:
+        order.append(_on_side(variant, "base"))
+        if variant.key in others:
+            order.append(_on_side(others.pop(variant.key), "versus"))
+    order += [_on_side(v, "versus") for v in other if v.key in others]
+    return order
+
+
+def _side_entries(entries: Mapping[str, Any], side: str) -> dict[str, Any]:
+    """The entries of one side of a ``--versus`` timing, keys without their ``side:`` tag."""
+    prefix = f"{side}:"
+    return {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix)}
+
+
+def versus_comparison(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For every variant both sides ran: both medians and ``time(versus) / time(base)`` (above 1: versus is slower).
+
+    Args:
+        base: result rows (:meth:`Result.as_dict`) of the ``--config`` side.
+        other: result rows of the ``--versus`` side.
+    """
+    medians = {r["key"]: r["median_ms"] for r in other}
+    return [
+        {
+            "key": r["key"],
+            "base_median_ms": r["median_ms"],
+            "versus_median_ms": medians[r["key"]],
+            "ratio": medians[r["key"]] / r["median_ms"],
+        }
+        for r in base
+        if r["key"] in medians
+    ]
+
+
+def run_versus(
+    base: Experiment,
+    base_inputs: BenchInputs,
+    other: Experiment,
+    other_inputs: BenchInputs,
+    device: str,
+    precisions: Sequence[str] = ("fp32",),
+    compile_nets: bool = False,
+    warmup: int = 2,
+    steps: int = 5,
+    with_bare: bool = True,
+    memory: bool = True,
+    profile_ops: int = 0,
+) -> dict[str, Any]:
+    """Time the variants of two experiments against each other in one interleaved run on ``device``.
+
+    Both sides' variants (the same selection: nets, precisions, eager/compiled, train/infer) are
+    timed in one :func:`time_interleaved` call in the order of :func:`interleave_sides`, so every
+    call of a variant of one side is next to the call of the same variant of the other side and
+    machine noise shifts both alike. Memory, unused parameters and profiles are then measured per side.
+
+    Returns:
+        The base's report (:func:`bench_main`) with a ``versus`` entry: the other side's report
+        (its own ``configs``, ``summary``, ``devices``...), plus ``comparison`` (rows of
+        :func:`versus_comparison`) and ``ratios`` (``versus_over_base/<key>``: time(versus) / time(base)).
+    """
+    torch_device = torch.device(device)
+    sides = {
+        "base": _device_side(base, torch_device, base_inputs.batch, precisions, compile_nets, with_bare),
+        "versus": _device_side(other, torch_device, other_inputs.batch, precisions, compile_nets, with_bare),
+    }
+    loaders = {"base": base_inputs.loader, "versus": other_inputs.loader}
+    order = interleave_sides(sides["base"].variants, sides["versus"].variants)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        times, failed = time_interleaved(order, warmup, steps, torch_device)
+        devices = {
+            name: _measure_side(side, _side_entries(times, name), _side_entries(failed, name), memory, loaders[name], profile_ops)
+            for name, side in sides.items()
+        }
+    report = base_inputs.report
+    report["devices"] = [devices["base"]]
+    versus = other_inputs.report
+    versus["devices"] = [devices["versus"]]
+    versus["comparison"] = versus_comparison(devices["base"]["results"], devices["versus"]["results"])
+    versus["ratios"] = {f"versus_over_base/{row['key']}": row["ratio"] for row in versus["comparison"]}
+    report["versus"] = versus
+    base.module.cpu()
+    other.module.cpu()
     report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
 
@@ -938,6 +1117,24 @@ def render_report(report: Mapping[str, Any], console: Console) -> None:
         console.print(f"note: {note}")
 
 
+def render_versus(report: Mapping[str, Any], console: Console) -> None:
+    """Print the comparison table of a ``--versus`` report: both medians and their ratio per common variant."""
+    versus = report["versus"]
+    h, w = report["image_size"]
+    title = (
+        f"{versus['model']} ({', '.join(versus['configs'])}) versus {report['model']} "
+        f"({', '.join(report['configs']) or 'the defaults'}): {h}x{w}, batch {report['batch_size']}, one interleaved run"
+    )
+    table = Table(title=title)
+    for column in ("variant", "base ms", "versus ms", "versus / base"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in versus["comparison"]:
+        table.add_row(row["key"], f"{row['base_median_ms']:.1f}", f"{row['versus_median_ms']:.1f}", f"{row['ratio']:.3f}")
+    console.print(table)
+    if not versus["comparison"]:
+        console.print("[yellow]no variant ran on both sides[/]")
+
+
 def benchmark_configs(root: str | Path) -> list[Path]:
     """Every config under ``root`` (recursively) that sets a model or a dataset, sorted.
 
@@ -983,6 +1180,11 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", default=[], help="config file; several are merged in order")
+    parser.add_argument(
+        "--versus", action="append", default=[], metavar="CONFIG",
+        help="time this config (several are merged in order) against the --config ones in one interleaved run, "
+        "at the same resolution and batch size; reports time(versus) / time(config) for every common variant",
+    )
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="input resolution (default: the config's)")
     parser.add_argument(
         "--fallback-image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -1016,7 +1218,11 @@ def bench_main(args: Sequence[str]) -> int:
     ``summary`` and ``bare_summary`` (parameters, FLOPs), ``loader`` (samples/s or null), ``notes``,
     ``skipped`` (what was not measured and why) and ``devices``: per device its ``results`` (one
     row per variant: ``median_ms``, ``samples_per_s``, ``peak_mem_mb``, the raw ``times_ms``...),
-    ``ratios`` and ``skipped``.
+    ``ratios`` and ``skipped``. With ``--versus`` (one device), ``versus`` holds the other side's
+    report (same fields: its ``configs``, ``summary``, ``devices``...) plus ``comparison`` (per
+    common variant: ``key``, ``base_median_ms``, ``versus_median_ms``, ``ratio``) and ``ratios``
+    (``versus_over_base/<net>/<precision>/<eager|compiled>/<phase>``: time(versus) / time(base),
+    medians of the same interleaved run).
 
     Returns:
         The exit status: 0, or 2 when nothing could be measured (a datamodule that needs its
@@ -1035,6 +1241,8 @@ def bench_main(args: Sequence[str]) -> int:
     devices = options.device or ["cuda" if torch.cuda.is_available() else "cpu"]
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("polytask bench: --device cuda, but CUDA is not available")
+    if options.versus and len(devices) > 1:
+        raise SystemExit("polytask bench: --versus compares two configs on one device; give one --device")
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
@@ -1061,6 +1269,8 @@ def _bench(options: argparse.Namespace, overrides: list[str], precisions: list[s
         if options.json is not None:
             write_json_atomic(options.json, {"configs": options.config, "overrides": overrides, "skipped": {"bench": str(err)}})
         return 2
+    if options.versus:
+        return _bench_versus(options, overrides, precisions, devices[0], experiment, loader_batches)
     report = run_bench(
         experiment, devices, precisions, options.compile, options.warmup, options.steps, loader_batches, options.bare,
         options.memory, options.fallback_image_size, options.profile,
@@ -1069,4 +1279,40 @@ def _bench(options: argparse.Namespace, overrides: list[str], precisions: list[s
     if options.json is not None:
         write_json_atomic(options.json, report)
         Console().print(f"report written to {options.json}")
+    return 0
+
+
+def _bench_versus(
+    options: argparse.Namespace,
+    overrides: list[str],
+    precisions: list[str],
+    device: str,
+    base: Experiment,
+    loader_batches: int,
+) -> int:
+    """``--versus``: the other side built at the base's resolution and batch size, both timed in one run."""
+    base_inputs = bench_inputs(base, loader_batches, options.bare, options.fallback_image_size, options.warmup, options.steps)
+    try:
+        other = load_experiment(
+            options.versus, overrides, image_size=base_inputs.report["image_size"], batch_size=base.batch_size,
+            loader_batches=loader_batches,
+        )
+    except DataUnavailableError as err:
+        Console().print(f"[yellow]skipped[/]: --versus: {err}")
+        if options.json is not None:
+            skipped = {"configs": options.versus, "overrides": overrides, "skipped": {"bench": str(err)}}
+            write_json_atomic(options.json, {**base_inputs.report, "versus": skipped})
+        return 2
+    other_inputs = bench_inputs(other, loader_batches, options.bare, options.fallback_image_size, options.warmup, options.steps)
+    report = run_versus(
+        base, base_inputs, other, other_inputs, device, precisions, options.compile, options.warmup, options.steps,
+        options.bare, options.memory, options.profile,
+    )
+    console = Console()
+    render_report(report, console)
+    render_report(report["versus"], console)
+    render_versus(report, console)
+    if options.json is not None:
+        write_json_atomic(options.json, report)
+        console.print(f"report written to {options.json}")
     return 0
