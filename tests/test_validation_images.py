@@ -24,7 +24,9 @@ from polytask.data.datamodule import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.tasks import AttributeTask, DepthTask, NormalsTask, SaliencyTask, SegmentationTask, build_task
 from polytask.training import MultiTaskModule, ValidationImages
-from polytask.training.validation_images import PANEL_GAP, colorize_target, denormalize, subsample_stride
+from polytask.data.transforms import denormalize
+from polytask.training.validation_images import PANEL_GAP, colorize_target, subsample_stride
+from polytask.viz import image_to_uint8
 
 TASKS = ["semseg", "depth", "normals", "sal", "human_parts"]  # human_parts targets hold 255 (ignored)
 H, W = 32, 48
@@ -110,7 +112,7 @@ def test_panels_are_the_input_the_colorized_target_and_the_prediction(fitted: Si
         for k in (0, NUM_IMAGES - 1):  # from the first and from the second batch
             picture = decode(acc.Images(f"val_images/{name}/{k}")[-1])  # the last validation: the final weights
             image, target, prediction = panels(picture)
-            np.testing.assert_array_equal(image, denormalize(batch["image"][k]))
+            np.testing.assert_array_equal(image, image_to_uint8(denormalize(batch["image"][k])))
             np.testing.assert_array_equal(target, task.colorize(batch[name][k]))
             if name != "depth":  # a label map: exact (depth may move by rounding between runs)
                 np.testing.assert_array_equal(prediction, task.colorize(task.postprocess(outputs[name])[k]))
@@ -195,7 +197,7 @@ def test_large_maps_are_thinned_to_max_side(tmp_path: Path) -> None:
     (event,) = events(tb.log_dir).Images("val_images/seg/0")
     assert (event.width, event.height) == (3 * 20 + 2 * PANEL_GAP, 14)
     picture = decode(event)
-    np.testing.assert_array_equal(picture[:, :20], denormalize(batch["image"][0, :, ::3, ::3]))
+    np.testing.assert_array_equal(picture[:, :20], image_to_uint8(denormalize(batch["image"][0, :, ::3, ::3])))
     np.testing.assert_array_equal(picture[:, 22:42], seg.colorize(labels[0, ::3, ::3]))
     np.testing.assert_array_equal(picture[:, 44:], seg.colorize(outputs["seg"][0, ::3, ::3]))
 

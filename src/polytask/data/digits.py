@@ -31,10 +31,9 @@ from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
 from polytask.data.datamodule import MultiTaskDataModule
+from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from polytask.tasks import ImageClassificationTask
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 TASK_CLASSES: dict[str, int] = {"left": 10, "right": 10, "parity": 2, "compare": 3}
 SPLIT_FRACTIONS: dict[str, tuple[float, float]] = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 

@@ -42,6 +42,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
+from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from polytask.losses import IGNORE_INDEX
 
 CLASS_NAMES: tuple[str, ...] = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
@@ -55,8 +56,6 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "sal": 5.0,
     "human_parts": 2.0,
 }
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 VERSION = 2
 """Renderer version; part of the cache key, bump it whenever rendered arrays change."""

@@ -351,6 +351,14 @@ class Normalize:
         return {**sample, "image": (sample["image"].float() / 255.0 - self.mean) / self.std}
 
 
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Undo :class:`Normalize` (ImageNet mean and std): a ``(3, H, W)`` or ``(B, 3, H, W)`` input as
+    float32 in [0, 1] (values outside clipped)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=image.device).view(3, 1, 1)
+    return (image.float() * std + mean).clamp(0.0, 1.0)
+
+
 class Pad:
     """Centre the sample in a canvas of at least ``size``: image padded with 0, targets with 255.
 

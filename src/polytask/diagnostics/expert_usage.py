@@ -25,7 +25,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from polytask.data.transforms import denormalize
 from polytask.training.report import write_json_atomic
+from polytask.viz import image_to_uint8
 
 
 @runtime_checkable
@@ -320,16 +322,6 @@ def plot_dominant_experts(
     return out
 
 
-def _denormalize(image: torch.Tensor) -> np.ndarray:
-    """Normalised ``(3, H, W)`` -> RGB uint8 ``(H, W, 3)`` (ImageNet mean and std)."""
-    from polytask.data.synthscenes import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (image.float().cpu() * std + mean).clamp(0, 1) * 255
-    return rgb.round().byte().permute(1, 2, 0).numpy()
-
-
 def _load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     """An image file resized to ``size`` ``(H, W)`` and normalised as in training: ``(3, H, W)``.
 
@@ -386,6 +378,6 @@ def expert_usage_main(args: Sequence[str]) -> int:
     else:
         image = cli.datamodule.make_dataset("val")[options.index]["image"]
     maps = dominant_expert_maps(net, image)
-    out = plot_dominant_experts(_denormalize(image), maps, net.gate_slot_names(), net.mmoe_blocks, options.out)
+    out = plot_dominant_experts(image_to_uint8(denormalize(image)), maps, net.gate_slot_names(), net.mmoe_blocks, options.out)
     print(f"dominant-expert maps written to {out}")
     return 0

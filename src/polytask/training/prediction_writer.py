@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 from polytask.data.datamodule import MultiTaskDataModule
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.transforms import denormalize
 from polytask.evaluation.prediction_io import DepthFormat, has_file_format, prediction_path, write_prediction
 from polytask.tasks import NormalsTask, SegmentationTask, Task
 from polytask.viz import prediction_grid
@@ -96,13 +96,6 @@ def resize_back(task: Task, value: torch.Tensor, size: tuple[int, int]) -> torch
     if isinstance(task, NormalsTask):
         return F.normalize(out, dim=0)
     return out if value.dim() == 3 else out[0]
-
-
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Undo :class:`polytask.data.transforms.Normalize`: a ``(3, H, W)`` (or batched) input in [0, 1], float32."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    return (image.float() * std + mean).clamp(0.0, 1.0)
 
 
 def restore_image(image: torch.Tensor, size: tuple[int, int], resized: bool) -> torch.Tensor:

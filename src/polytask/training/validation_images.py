@@ -19,8 +19,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.transforms import denormalize
 from polytask.tasks import IGNORE_INDEX, Task
+from polytask.viz import image_to_uint8
 
 TAG_PREFIX = "val_images"
 """Tags are ``<TAG_PREFIX>/<task>/<k>``, ``k`` the sample's position (0 .. num_images - 1)."""
@@ -32,14 +33,6 @@ PANEL_GAP = 2
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     """The trainer's TensorBoard loggers, in order (other loggers are left out)."""
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-
-
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """An ImageNet-normalised ``(3, H, W)`` image as ``(H, W, 3)`` uint8 (values clipped to [0, 255])."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    rgb = (image.float() * std + mean).clamp(0.0, 1.0) * 255.0
-    return rgb.round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def ignored_pixels(target: torch.Tensor) -> np.ndarray:
@@ -230,7 +223,7 @@ class ValidationImages(pl.Callback):
     def _log(self, trainer: pl.Trainer) -> None:
         """Draw and add the pictures of the samples collected in this validation (rank 0 only)."""
         images = torch.cat(self._images)
-        inputs = [denormalize(image) for image in images]
+        inputs = [image_to_uint8(denormalize(image)) for image in images]
         writers = [logger.experiment for logger in tensorboard_loggers(trainer)]
         step = trainer.global_step
         for task in self._tasks:
