@@ -28,6 +28,7 @@ from polytask.training.checkpoint import (
 )
 from polytask.training.guard import NonFiniteGuard
 from polytask.training.schedulers import ScheduleName, build_scheduler
+from polytask.weighting import FixedWeighting, Weighting
 
 ALL_ATTRIBUTES = "attributes"
 """Results key of the metrics averaged over every attribute of every attribute-group task."""
@@ -57,6 +58,10 @@ class MultiTaskModule(pl.LightningModule):
         metric_protocol: ``split_level`` (default) or ``maximum_roaming``: score validation and
             test as Maximum Roaming's scripts print them (per-batch averages: their numbers depend
             on ``data.eval_batch_size``; see docs/evaluation.md). Every metric table says which.
+        weighting: how the task losses of a training step become the total
+            (:mod:`polytask.weighting`; in a config a ``class_path`` and its ``init_args``); None:
+            :class:`~polytask.weighting.FixedWeighting`, the fixed loss weights above. Validation
+            and test losses always use the fixed weights (:meth:`weighted_total`).
 
     Checkpoints carry, besides Lightning's state, ``checkpoint["polytask"]``: the model config
     (:attr:`config_json`), the global random generators and the non-finite guard's counters.
@@ -78,6 +83,7 @@ class MultiTaskModule(pl.LightningModule):
         max_nonfinite_steps: int = 10,
         legacy_sigmoid: bool = False,
         metric_protocol: MetricProtocol = "split_level",
+        weighting: Weighting | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
@@ -91,6 +97,8 @@ class MultiTaskModule(pl.LightningModule):
                 raise ValueError(f"{source} names task(s) {unknown} that are not trained; tasks: {names}")
         self.loss_weights = {n: float({**(default_loss_weights or {}), **(loss_weights or {})}.get(n, 1.0)) for n in names}
         self.net = net(self.tasks)
+        self.weighting = weighting if weighting is not None else FixedWeighting()
+        self.weighting.setup(names, self.loss_weights)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.poly_power = poly_power
@@ -137,8 +145,31 @@ class MultiTaskModule(pl.LightningModule):
         return {t.name: t.loss(outputs[t.name], batch[t.name]) for t in self.tasks}
 
     def weighted_total(self, task_losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of ``loss_weights[t] * loss_t``."""
+        """Sum of ``loss_weights[t] * loss_t`` (the fixed weights, whatever :attr:`weighting` is)."""
         return sum(self.loss_weights[n] * loss for n, loss in task_losses.items())
+
+    def _reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` averaged over the processes of the run (itself outside a trainer)."""
+        if self._trainer is None:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
+
+    def training_total(self, task_losses: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """The total loss of a training step by :attr:`weighting`; updates its state and logs
+        ``train/weight/<task>``."""
+        self.weighting.set_epoch(self.current_epoch)
+        total = self.weighting(task_losses)
+        self.weighting.update({n: v.detach() for n, v in task_losses.items()}, self._reduce_mean)
+        self.log_dict({f"train/weight/{n}": w for n, w in self.weighting.last_weights.items()}, batch_size=batch_size)
+        return total
+
+    def on_fit_start(self) -> None:
+        """Refuse a weighting strategy that manual per-task optimisation would ignore."""
+        if not self.automatic_optimization and not isinstance(self.weighting, FixedWeighting):
+            raise ValueError(
+                f"{type(self).__name__} trains one task per optimizer step with the fixed loss weights; "
+                f"weighting {type(self.weighting).__name__} is not supported there (yet): use FixedWeighting"
+            )
 
     def on_train_start(self) -> None:
         """Start the non-finite guard afresh (no buffer copy from an earlier run)."""
@@ -151,8 +182,8 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
-        total = self.weighted_total(task_losses)
         batch_size = batch["image"].shape[0]
+        total = self.training_total(task_losses, batch_size)
         aux_loss = getattr(self.net, "aux_loss", None)
         if aux_loss is not None:  # e.g. TaskExpert's optional load-balancing loss (already weighted)
             aux = aux_loss()

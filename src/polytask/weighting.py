@@ -1,0 +1,253 @@
+"""Loss weighting strategies: how the task losses of a training step become one total.
+
+A strategy is chosen independently of the network (LibMTL's idea), with
+``model.init_args.weighting`` (a class path and its ``init_args``, as for the optimizer); the
+default, :class:`FixedWeighting`, is the weighted sum polytask has always used. See
+docs/weighting.md.
+
+Every strategy is an ``nn.Module`` owned by :class:`~polytask.training.MultiTaskModule`, so its
+learnable parameters reach the optimizer and its state is in the Lightning checkpoint as tensors
+(buffers, or ``get_extra_state``). The module drives it through three calls per training step:
+
+1. :meth:`Weighting.set_epoch` with the current epoch, before anything else;
+2. ``weighting(losses)`` (:meth:`Weighting.forward`): the total to back-propagate;
+3. :meth:`Weighting.update` with the detached losses and a ``reduce`` function that averages a
+   tensor over the processes of a distributed run (identity in one process).
+
+:attr:`Weighting.last_weights` holds the weights of the last total, for logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Averages a tensor over the processes of a distributed run (the identity in one process)."""
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class Weighting(nn.Module):
+    """Base class: turns the task losses of a training step into the total to back-propagate.
+
+    Subclasses implement :meth:`forward` (and may override :meth:`set_epoch`, :meth:`update`);
+    :meth:`setup` is called once by the module, before training, with the task names and the
+    fixed loss weights (the dataset's defaults merged with ``loss_weights``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.loss_weights: dict[str, float] = {}
+        self.last_weights: dict[str, torch.Tensor | float] = {}
+
+    def setup(self, names: Sequence[str], loss_weights: Mapping[str, float]) -> None:
+        """Learn the task names (their order is the order of every per-task tensor) and fixed weights."""
+        self.names = list(names)
+        self.loss_weights = {n: float(loss_weights.get(n, 1.0)) for n in self.names}
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.names)
+
+    def _stack(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = sorted(set(self.names) - set(losses))
+        if missing:
+            raise KeyError(f"{type(self).__name__}: no loss for task(s) {missing}; tasks: {self.names}")
+        return torch.stack([losses[n].float() for n in self.names])
+
+    def _weighted(self, losses: Mapping[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """``sum_t weights[t] * losses[t]``; records the weights in :attr:`last_weights`."""
+        stacked = self._stack(losses)
+        self.last_weights = {n: w for n, w in zip(self.names, weights.detach().unbind())}
+        return (weights.to(stacked.device) * stacked).sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at every training step, before :meth:`forward`, with the current epoch."""
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
+        """Called after every training step with the detached task losses."""
+
+
+class FixedWeighting(Weighting):
+    """Fixed weights: ``sum_t w_t L_t`` with ``w_t`` the dataset's default loss weights merged with
+    the module's ``loss_weights`` (the default strategy; the weighting of the papers polytask
+    reproduces, e.g. TaskExpert (Ye & Xu, ICCV 2023) and InvPT's loss weights).
+
+    The sum is computed exactly as :meth:`MultiTaskModule.weighted_total` does (same order, Python
+    float weights), so results are bit-identical to polytask before strategies existed. No state.
+    """
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.last_weights = {n: self.loss_weights[n] for n in losses}
+        return sum(self.loss_weights[n] * loss for n, loss in losses.items())
+
+
+class EqualWeighting(Weighting):
+    """Equal weights: ``sum_t L_t`` (every weight 1; the fixed loss weights are ignored).
+
+    The "EW" baseline of LibMTL (Lin & Zhang, "LibMTL: A Python Library for Multi-Task
+    Learning", JMLR 2023). No state.
+    """
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.last_weights = {n: 1.0 for n in losses}
+        return sum(loss for loss in losses.values())
+
+
+class UncertaintyWeighting(Weighting):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, "Multi-Task Learning Using
+    Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018).
+
+    One learnable log-variance ``s_t = log sigma_t^2`` per task (``T`` parameters, trained by the
+    module's optimizer with the network) and
+
+        ``total = sum_t exp(-s_t) L_t + s_t``
+
+    for every task, regression and classification alike; the logged weight of task ``t`` is
+    ``exp(-s_t)``. The paper's regression form is ``L_t / (2 sigma_t^2) + log sigma_t`` (half of
+    the above) and its classification form ``L_t / sigma_t^2 + log sigma_t`` (``exp(-s_t) L_t +
+    s_t / 2``). Dropping the 1/2 factors and using one form for every task is our assumption (a
+    common simplification); it keeps the optimum ``s_t = log L_t`` for every task. The fixed loss
+    weights are ignored.
+
+    Args:
+        init_log_variance: initial ``s_t`` of every task (0: every weight starts at 1).
+    """
+
+    def __init__(self, init_log_variance: float = 0.0) -> None:
+        super().__init__()
+        self.init_log_variance = float(init_log_variance)
+        self.log_variances = nn.Parameter(torch.zeros(0))
+
+    def setup(self, names: Sequence[str], loss_weights: Mapping[str, float]) -> None:
+        super().setup(names, loss_weights)
+        self.log_variances = nn.Parameter(torch.full((self.num_tasks,), self.init_log_variance))
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        s = self.log_variances
+        stacked = self._stack(losses)
+        self.last_weights = {n: w for n, w in zip(self.names, torch.exp(-s).detach().unbind())}
+        return (torch.exp(-s) * stacked + s).sum()
+
+
+class DynamicWeightAverage(Weighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
+    Attention", CVPR 2019, MTAN).
+
+    During epoch ``e`` (counted from 0) the weights are
+
+        ``w_t = T exp(r_t / temperature) / sum_i exp(r_i / temperature)``,  ``r_t = Lbar_t(e-1) / Lbar_t(e-2)``
+
+    where ``Lbar_t(k)`` is the mean training loss of task ``t`` over the steps of epoch ``k``;
+    every weight is 1 during the first two epochs (``e < 2``). The fixed loss weights are ignored.
+
+    State (buffers, in the checkpoint): the running sum of each task's loss and the step count of
+    the current epoch, the means of the last two finished epochs, the number of finished epochs and
+    the epoch being accumulated. Each step's losses are first averaged over the processes of a
+    distributed run (one all-reduce of ``T`` numbers per step), so every process holds the same
+    state and the same weights, those of one process training on the whole batch (exactly so when
+    each task loss is a mean over equal-sized per-process batches). A new epoch closes the previous
+    one when its first step starts (:meth:`set_epoch`), so resuming at any step is exact.
+
+    Args:
+        temperature: softmax temperature (MTAN uses 2).
+    """
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"DynamicWeightAverage: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._make_state(0)
+
+    def _make_state(self, num_tasks: int) -> None:
+        self.register_buffer("loss_sum", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("history", torch.zeros(2, num_tasks, dtype=torch.float64))
+        self.register_buffer("finished_epochs", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def setup(self, names: Sequence[str], loss_weights: Mapping[str, float]) -> None:
+        super().setup(names, loss_weights)
+        self._make_state(self.num_tasks)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Close the accumulated epoch (its mean joins the history) when ``epoch`` is a later one."""
+        if epoch <= int(self.epoch):
+            return
+        if float(self.steps) > 0:
+            mean = self.loss_sum / self.steps
+            self.history.copy_(torch.stack([self.history[1], mean]))
+            self.finished_epochs += 1
+        self.loss_sum.zero_()
+        self.steps.zero_()
+        self.epoch.fill_(epoch)
+
+    def weights(self) -> torch.Tensor:
+        """The current weights, ``(T,)`` in task order."""
+        if int(self.finished_epochs) < 2:
+            return torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
+        ratios = self.history[1] / self.history[0]
+        return self.num_tasks * torch.softmax(ratios / self.temperature, dim=0)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._weighted(losses, self.weights().float())
+
+    def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
+        stacked = reduce(self._stack(losses).detach().to(self.loss_sum))
+        self.loss_sum += stacked
+        self.steps += 1
+
+
+class RandomLossWeighting(Weighting):
+    """Random loss weighting (Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022; arXiv 2111.10603, 2021).
+
+    Every step draws ``w = T softmax(z)`` with ``z ~ N(0, I_T)`` from this strategy's own
+    generator, seeded with ``seed``: every process of a distributed run draws the same weights, and
+    the generator's state is in the checkpoint (``get_extra_state``), so a resumed run draws the
+    weights an uninterrupted one would. The paper normalises the weights to sum to 1; scaling them
+    to sum to ``T`` (the scale of equal weighting) is our choice. The fixed loss weights are ignored.
+
+    Args:
+        seed: seed of the weight generator.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def draw(self) -> torch.Tensor:
+        """Next weights, ``(T,)`` in task order (advances the generator)."""
+        z = torch.randn(self.num_tasks, generator=self.generator)
+        return self.num_tasks * torch.softmax(z, dim=0)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._weighted(losses, self.draw())
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.detach().to("cpu", torch.uint8))
+
+
+__all__ = [
+    "DynamicWeightAverage",
+    "EqualWeighting",
+    "FixedWeighting",
+    "RandomLossWeighting",
+    "Reduce",
+    "UncertaintyWeighting",
+    "Weighting",
+]

@@ -1,0 +1,289 @@
+"""Loss weighting strategies: hand-computed values, distributed averaging with a fake reduce,
+state round trips, training of hard sharing and TaskExpert, checkpoint resume, CLI selection."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from polytask.cli import instantiate
+from polytask.data.datamodule import SynthScenesDataModule
+from polytask.models import HardSharing
+from polytask.models.taskexpert import TaskExpert
+from polytask.training.checkpoint import AtomicCheckpointIO, check_plain
+from polytask.training.module import MultiTaskModule
+from polytask.training.per_task import PerTaskModule
+from polytask.weighting import (
+    DynamicWeightAverage,
+    EqualWeighting,
+    FixedWeighting,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+    Weighting,
+)
+
+TASKS = ("semseg", "depth", "sal")
+NAMES = ["a", "b"]
+HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
+
+
+def losses(*values: float) -> dict[str, torch.Tensor]:
+    return {n: torch.tensor(v) for n, v in zip(NAMES, values)}
+
+
+def ready(weighting: Weighting, loss_weights: dict[str, float] | None = None) -> Weighting:
+    weighting.setup(NAMES, loss_weights or {})
+    return weighting
+
+
+def hard_net() -> functools.partial:
+    return functools.partial(HardSharing, backbone="test_resnet", decoder_channels=8, head_channels=4)
+
+
+def taskexpert_net() -> functools.partial:
+    backbone = {"img_size": (32, 48), "embed_dim": 32, "depth": 4, "num_heads": 2}
+    return functools.partial(
+        TaskExpert, backbone="vit_tiny_patch16_224", backbone_options=backbone, num_experts=3, width=16, head_channels=8
+    )
+
+
+def tiny_data(cache: Path) -> SynthScenesDataModule:
+    """8 training images in batches of 4: two steps per epoch."""
+    return SynthScenesDataModule(list(TASKS), num_train=8, num_val=4, image_size=(32, 48), cache_dir=str(cache), batch_size=4)
+
+
+def module(
+    data: SynthScenesDataModule, weighting: Weighting | None, net: functools.partial | None = None, **options: object
+) -> MultiTaskModule:
+    return MultiTaskModule(
+        net=net or hard_net(), tasks=data.tasks, default_loss_weights=data.loss_weights, weighting=weighting, **options
+    )
+
+
+def trainer(root: Path, **options: object) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
+        plugins=[AtomicCheckpointIO()], **options,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- values
+
+
+def test_fixed_is_the_default_and_equals_the_old_weighted_sum_exactly(tmp_path: Path) -> None:
+    data = tiny_data(tmp_path / "cache")
+    m = MultiTaskModule(net=hard_net(), tasks=data.tasks, default_loss_weights=data.loss_weights, loss_weights={"depth": 3.0})
+    assert isinstance(m.weighting, FixedWeighting)
+    assert not list(m.weighting.parameters()) and not list(m.weighting.buffers())
+    assert not any(k.startswith("weighting") for k in m.state_dict())  # checkpoints are unchanged
+    generator = torch.Generator().manual_seed(3)
+    task_losses = {n: torch.rand((), generator=generator) * 5 for n in TASKS}
+    expected = sum(m.loss_weights[n] * loss for n, loss in task_losses.items())  # the sum before strategies
+    assert torch.equal(m.weighting(task_losses), expected)
+    assert torch.equal(m.weighting(task_losses), m.weighted_total(task_losses))
+    assert m.weighting.last_weights == m.loss_weights and m.loss_weights["depth"] == 3.0
+
+
+def test_equal_weighting_ignores_the_fixed_weights() -> None:
+    w = ready(EqualWeighting(), {"a": 5.0})
+    assert float(w(losses(2.0, 3.0))) == 5.0
+    assert w.last_weights == {"a": 1.0, "b": 1.0}
+
+
+def test_uncertainty_total_and_gradient() -> None:
+    w = ready(UncertaintyWeighting())
+    assert torch.equal(w.log_variances.detach(), torch.zeros(2))
+    with torch.no_grad():
+        w.log_variances.copy_(torch.tensor([0.5, -1.0]))
+    total = w(losses(2.0, 3.0))
+    expected = math.exp(-0.5) * 2.0 + 0.5 + math.exp(1.0) * 3.0 - 1.0
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    # d/ds_t [exp(-s_t) L_t + s_t] = 1 - exp(-s_t) L_t
+    expected_grad = torch.tensor([1 - math.exp(-0.5) * 2.0, 1 - math.exp(1.0) * 3.0])
+    torch.testing.assert_close(w.log_variances.grad, expected_grad)
+    torch.testing.assert_close(torch.stack([w.last_weights["a"], w.last_weights["b"]]), torch.tensor([math.exp(-0.5), math.e]))
+    # the optimum of s_t is log L_t
+    with torch.no_grad():
+        w.log_variances.copy_(torch.tensor([math.log(2.0), math.log(3.0)]))
+    w.log_variances.grad = None
+    w(losses(2.0, 3.0)).backward()
+    torch.testing.assert_close(w.log_variances.grad, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def run_epochs(w: DynamicWeightAverage, epochs: list[list[tuple[float, float]]], reduce=None) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Feed per-step losses epoch by epoch; returns the weights used at every step."""
+    used = []
+    for epoch, steps in enumerate(epochs):
+        for a, b in steps:
+            w.set_epoch(epoch)
+            w(losses(a, b))
+            used.append(torch.stack([torch.as_tensor(w.last_weights[n]) for n in NAMES]))
+            w.update(losses(a, b), *(() if reduce is None else (reduce,)))
+    return used
+
+
+def test_dwa_weights_by_hand_after_two_epochs() -> None:
+    w = ready(DynamicWeightAverage(temperature=2.0), {"a": 7.0})
+    epochs = [[(1.0, 2.0), (3.0, 4.0)], [(1.0, 3.0), (1.0, 3.0)], [(9.0, 9.0)]]  # means (2, 3) then (1, 3)
+    used = run_epochs(w, epochs)
+    for weights in used[:4]:  # equal weights during the first two epochs
+        assert torch.equal(weights, torch.ones(2))
+    # epoch 2: r = (1/2, 3/3); w_t = 2 exp(r_t / 2) / (exp(1/4) + exp(1/2))
+    denominator = math.exp(0.25) + math.exp(0.5)
+    expected = torch.tensor([2 * math.exp(0.25) / denominator, 2 * math.exp(0.5) / denominator])
+    torch.testing.assert_close(used[4], expected, rtol=1e-6, atol=0)
+    assert float(used[4].sum()) == pytest.approx(2.0)
+    torch.testing.assert_close(w.history, torch.tensor([[2.0, 3.0], [1.0, 3.0]], dtype=torch.float64))
+    assert int(w.finished_epochs) == 2 and int(w.epoch) == 2 and float(w.steps) == 1
+
+
+def test_dwa_state_is_the_same_on_every_process_with_a_fake_reduce() -> None:
+    """Two 'processes' average their losses through reduce: both hold the state (and weights) of
+    one process seeing the mean losses, i.e. the whole batch."""
+    rank_losses = [
+        [[(1.0, 2.0), (3.0, 6.0)], [(2.0, 2.0), (1.0, 5.0)], [(1.0, 1.0)], [(1.0, 1.0)]],
+        [[(3.0, 4.0), (1.0, 2.0)], [(0.0, 4.0), (1.0, 1.0)], [(3.0, 1.0)], [(1.0, 1.0)]],
+    ]
+    ranks = [ready(DynamicWeightAverage()) for _ in range(2)]
+    single = ready(DynamicWeightAverage())
+    used: list[list[torch.Tensor]] = [[], [], []]
+    for epoch in range(4):
+        for step in range(len(rank_losses[0][epoch])):
+            values = [torch.tensor(rank_losses[r][epoch][step], dtype=torch.float64) for r in range(2)]
+            mean = (values[0] + values[1]) / 2
+
+            def reduce(tensor: torch.Tensor, rank: int = 0) -> torch.Tensor:
+                assert torch.equal(tensor, values[rank])  # each process reduces its own losses
+                return (values[0] + values[1]).to(tensor) / 2
+
+            for r, w in enumerate(ranks):
+                w.set_epoch(epoch)
+                w(losses(*values[r].tolist()))
+                used[r].append(torch.stack([w.last_weights[n] for n in NAMES]))
+                w.update(losses(*values[r].tolist()), functools.partial(reduce, rank=r))
+            single.set_epoch(epoch)
+            single(losses(*mean.tolist()))
+            used[2].append(torch.stack([single.last_weights[n] for n in NAMES]))
+            single.update(losses(*mean.tolist()))
+    for r in range(2):
+        for key, value in single.state_dict().items():
+            assert torch.equal(ranks[r].state_dict()[key], value), key
+        assert all(torch.equal(a, b) for a, b in zip(used[r], used[2]))
+    assert not torch.equal(used[2][-1], torch.ones(2))  # the last epoch really is weighted
+
+
+def test_rlw_weights_sum_to_t_are_seeded_and_survive_a_state_round_trip() -> None:
+    first, second, other = ready(RandomLossWeighting(seed=5)), ready(RandomLossWeighting(seed=5)), ready(RandomLossWeighting(seed=6))
+    draws = [first.draw() for _ in range(3)]
+    assert all(float(d.sum()) == pytest.approx(2.0) and bool((d > 0).all()) for d in draws)
+    assert all(torch.equal(d, second.draw()) for d in draws)
+    assert not torch.equal(draws[0], other.draw())
+    state = first.state_dict()
+    check_plain(state)
+    restored = ready(RandomLossWeighting(seed=123))
+    restored.load_state_dict(state)
+    expected = [first.draw() for _ in range(2)]
+    assert all(torch.equal(e, restored.draw()) for e in expected)
+    total = restored(losses(2.0, 3.0))
+    w = torch.stack([restored.last_weights[n] for n in NAMES])
+    assert float(total) == pytest.approx(float(w[0] * 2.0 + w[1] * 3.0))
+
+
+# ---------------------------------------------------------------- training
+
+STRATEGIES = {
+    "fixed": lambda: None,
+    "equal": EqualWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "rlw": lambda: RandomLossWeighting(seed=1),
+}
+
+
+@pytest.mark.parametrize("net", ["hard_sharing", "taskexpert"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_trains_hard_sharing_and_taskexpert(strategy: str, net: str, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = tiny_data(tmp_path / "cache")
+    m = module(data, STRATEGIES[strategy](), hard_net() if net == "hard_sharing" else taskexpert_net())
+    start = [p.detach().clone() for p in m.weighting.parameters()]
+    t = trainer(tmp_path, max_steps=5)  # 3 epochs: DWA weights its third
+    t.fit(m, datamodule=data)
+    logged = t.logged_metrics
+    assert math.isfinite(float(logged["train/loss"]))
+    weights = torch.stack([torch.as_tensor(logged[f"train/weight/{n}"]) for n in TASKS]).float()
+    assert bool(torch.isfinite(weights).all())
+    if strategy == "fixed":
+        assert weights.tolist() == [m.loss_weights[n] for n in TASKS]
+    if strategy in ("dwa", "rlw"):
+        assert float(weights.sum()) == pytest.approx(3.0, rel=1e-5)
+    if strategy == "dwa":
+        assert int(m.weighting.finished_epochs) == 2 and not torch.allclose(weights, torch.ones(3))
+    if strategy == "uncertainty":  # its log-variances reached the optimizer
+        assert not torch.equal(start[0], m.weighting.log_variances.detach())
+
+
+def test_per_task_training_refuses_a_strategy_it_would_ignore(tmp_path: Path) -> None:
+    data = tiny_data(tmp_path / "cache")
+    m = PerTaskModule(net=hard_net(), tasks=data.tasks, weighting=DynamicWeightAverage())
+    with pytest.raises(ValueError, match="weighting DynamicWeightAverage is not supported"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=data)
+
+
+@pytest.mark.parametrize("strategy", ["dwa", "rlw"])
+def test_checkpoint_round_trip_restores_the_strategy_state(strategy: str, tmp_path: Path) -> None:
+    """Train 4 steps (2 epochs), save a Lightning checkpoint, load it into a fresh module: the
+    strategy's state is restored, and the next weights equal those of the uninterrupted module."""
+    data = tiny_data(tmp_path / "cache")
+    pl.seed_everything(0)
+    trained = module(data, STRATEGIES[strategy]())
+    t = trainer(tmp_path, max_steps=4)
+    t.fit(trained, datamodule=data)
+    path = tmp_path / "stop.ckpt"
+    t.save_checkpoint(path)  # AtomicCheckpointIO checks it holds only tensors and plain values
+    saved = torch.load(path, weights_only=True)
+    keys = sorted(k for k in saved["state_dict"] if k.startswith("weighting."))
+    assert keys == (
+        ["weighting.epoch", "weighting.finished_epochs", "weighting.history", "weighting.loss_sum", "weighting.steps"]
+        if strategy == "dwa"
+        else ["weighting._extra_state"]
+    )
+
+    pl.seed_everything(123)
+    restored = module(data, STRATEGIES[strategy]() if strategy == "dwa" else RandomLossWeighting(seed=99))
+    restored.load_state_dict(saved["state_dict"])
+    for key, value in trained.weighting.state_dict().items():
+        assert torch.equal(restored.weighting.state_dict()[key], value), key
+    if strategy == "dwa":
+        assert int(restored.weighting.finished_epochs) >= 1 and float(restored.weighting.history.abs().sum()) > 0
+    generator = torch.Generator().manual_seed(0)
+    for epoch in (2, 3, 4):  # a few more epochs of the same losses on both
+        for _ in range(2):
+            task_losses = {n: torch.rand((), generator=generator) + 0.5 for n in TASKS}
+            used = []
+            for m in (trained, restored):
+                m.weighting.set_epoch(epoch)
+                m.weighting(task_losses)
+                used.append([float(m.weighting.last_weights[n]) for n in TASKS])
+                m.weighting.update(task_losses)
+            assert used[0] == used[1]
+    assert used[0] != [1.0, 1.0, 1.0]
+
+
+def test_cli_selects_a_strategy_and_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+    tiny = ["--config", HARD_SHARING, "--data.num_train", "8", "--data.num_val", "4", "--data.image_size", "[32, 48]",
+            "--model.net.init_args.decoder_channels", "8", "--model.net.init_args.head_channels", "4"]  # fmt: skip
+    cli = instantiate(overrides=[*tiny, "--model.init_args.weighting", "polytask.weighting.DynamicWeightAverage",
+                                 "--model.init_args.weighting.init_args.temperature", "3"])  # fmt: skip
+    assert isinstance(cli.model.weighting, DynamicWeightAverage) and cli.model.weighting.temperature == 3.0
+    assert cli.model.weighting.names == [t.name for t in cli.model.tasks]
+    assert isinstance(instantiate(overrides=tiny).model.weighting, FixedWeighting)
