@@ -29,9 +29,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from polytask.cli import DEFAULT_CONFIG
+from polytask.config import DEFAULT_CONFIG
 from polytask.data import SynthScenesDataModule
-from polytask.tasks import IGNORE_INDEX, DepthTask, NormalsTask, SegmentationTask, Task
+from polytask.constants import IGNORE_INDEX
+from polytask.tasks import DepthTask, NormalsTask, SegmentationTask, Task
 
 
 def default_datamodule() -> SynthScenesDataModule:

@@ -4,7 +4,7 @@ For every ETR-NLP setting (the networks of its configs, with the baseline overla
 ``configs/etr_nlp_baseline_*`` or the quick baseline configs) the table gives the learnable
 parameters, the FLOPs of one task's path (``forward_task``: the trunk path of that task and its
 head, averaged over the tasks) and the FLOPs of the all-task forward, counted by
-:func:`polytask.summary.count_flops` (torch's FlopCounterMode, 2 FLOPs per multiply-add, one
+:func:`polytask.models.summary.count_flops` (torch's FlopCounterMode, 2 FLOPs per multiply-add, one
 image) on the meta device. The speed-up section times the batched all-task forward against ``T``
 per-task forwards on this machine (median of interleaved repetitions).
 
@@ -30,7 +30,7 @@ from torch import nn
 from polytask.data.celeba import ATTRIBUTE_GROUPS
 from polytask.data.mtan import CITYSCAPES_7_CLASSES, NYUV2_CLASSES, segmentation_tasks
 from polytask.models.base import MultiTaskNet
-from polytask.summary import count_flops
+from polytask.models.summary import count_flops
 from polytask.tasks import Task, build_task
 
 METHODS: tuple[str, ...] = ("etr_nlp", "hard_sharing", "single_task")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from polytask.cli import instantiate
+from polytask.config import instantiate
 from polytask.metrics import delta_m
 
 METHODS: tuple[str, ...] = ("etr_nlp", "hard_sharing", "single_task")

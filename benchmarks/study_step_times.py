@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polytask.cli import instantiate
+from polytask.config import instantiate
 from polytask.study.spec import load_study
 from polytask.training import MultiTaskModule
 

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from polytask.models.backbones import create_timm_model
 from polytask.models.taskexpert import TaskExpert
-from polytask.summary import count_flops
+from polytask.models.summary import count_flops
 from polytask.tasks import Task, build_task
 
 

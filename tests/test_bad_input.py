@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from polytask.cli import main
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.data.predict import ImageFolder
-from polytask.data.synthscenes import IMAGENET_MEAN, IMAGENET_STD
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.models import HardSharing
 from polytask.tasks import Task, build_task
 from polytask.training.checkpoint import AtomicCheckpointIO, ResumableCheckpoint, read_checkpoint

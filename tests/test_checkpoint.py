@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from polytask.cli.export import main as export_main
 from polytask.data.datamodule import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.tasks import build_task
@@ -28,7 +29,6 @@ from polytask.training.checkpoint import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     check_plain,
-    export_main,
     load_weights,
     read_checkpoint,
 )

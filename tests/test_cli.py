@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytask.cli import LIGHTNING_COMMANDS, TOOLS, instantiate, lightning_main, main
+from polytask.cli import main
+from polytask.cli.main import TOOLS
+from polytask.config import LIGHTNING_COMMANDS, instantiate, lightning_main
 from polytask.training.checkpoint import CheckpointError, read_checkpoint
 
 HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
@@ -128,7 +130,7 @@ def test_a_mistyped_command_suggests_the_closest_one(typo: str, suggestion: str,
 def test_model_summary_counts_the_networks_flops_at_the_training_resolution(workdir: Path) -> None:
     from types import SimpleNamespace
 
-    from polytask.summary import count_flops
+    from polytask.models.summary import count_flops
     from polytask.training.model_summary import NetFlopsRichModelSummary
 
     cli = instantiate([], TINY)
@@ -145,7 +147,7 @@ def test_model_summary_counts_the_networks_flops_at_the_training_resolution(work
 def test_training_resolution_takes_the_first_height_width_pair() -> None:
     from types import SimpleNamespace
 
-    from polytask.summary import training_resolution
+    from polytask.models.summary import training_resolution
 
     celeba_like = SimpleNamespace(image_size=64, train_size=(32, 48))  # a short side is not a resolution
     assert training_resolution(SimpleNamespace(image_size=None), celeba_like) == (32, 48)

@@ -17,8 +17,9 @@ from fixtures_data import (
 )
 from PIL import Image
 
+from polytask.cli.data import main as data_main
 from polytask.data import check
-from polytask.data.check import BrokenDatasetError, check_dataset, data_main
+from polytask.data.check import BrokenDatasetError, check_dataset
 from polytask.data.io import DataFileError
 from polytask.data.nyud import NYUDDataModule
 

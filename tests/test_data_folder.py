@@ -8,7 +8,7 @@ import yaml
 from fixtures_data import Fixture, write_folder
 from PIL import Image
 
-from polytask.cli import lightning_main
+from polytask.config import lightning_main
 from polytask.data.folder import FolderDataModule
 from polytask.data.predict import ImageFolder
 from polytask.data.io import DataFileError

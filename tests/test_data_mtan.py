@@ -10,7 +10,7 @@ from fixtures_data import Fixture, write_mtan_cityscapes, write_mtan_nyuv2
 
 from polytask.data.io import DataFileError
 from polytask.data.mtan import CityscapesMTANDataModule, NYUv2MTANDataModule
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     IgnoreEmptyParts,
     Normalize,
     Pad,

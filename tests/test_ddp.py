@@ -412,7 +412,7 @@ def _results(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _initial_state(config: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict a run of ``config`` starts from (built by the same CLI, seed included) and the
     names of its trainable parameters."""
-    from polytask.cli import instantiate
+    from polytask.config import instantiate
 
     model = instantiate([str(config)]).model
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from polytask.data.digits import IMAGENET_MEAN, IMAGENET_STD, DigitPairs, DigitsDataModule
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.digits import DigitPairs, DigitsDataModule
 from polytask.tasks import ImageClassificationTask
 
 

@@ -8,12 +8,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from polytask.cli import instantiate
+from polytask.config import instantiate
 from polytask.data.digits import DigitsDataModule
 from polytask.models import create_model
 from polytask.models.etr_nlp import (
     PRIMITIVES,
-    BlockBatchNorm,
     ETRNLPModule,
     ETRNLPResNet18,
     ETRNLPSegNet,
@@ -23,10 +22,8 @@ from polytask.models.etr_nlp import (
     RoutedNet,
     Routing,
     TaskBatchNorm,
-    TaskChannelMask,
     TaskRouter,
 )
-from polytask.models.etr_nlp.layers import routing_masks
 from polytask.models.etr_nlp.segnet import max_unpool
 from polytask.tasks import build_task
 from polytask.training.per_task import PerTaskModule

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from polytask.cli import instantiate
+from polytask.config import instantiate
 from polytask.data.celeba import ATTRIBUTE_GROUPS
 from polytask.data.mtan import segmentation_tasks
 from polytask.models.etr_nlp import (

@@ -18,16 +18,17 @@ import torch
 from fixtures_data import write_mtan_nyuv2, write_nyud, write_pascal_context
 from PIL import Image
 
-from polytask.cli import instantiate
+from polytask.cli.evaluate import main as evaluate_main
+from polytask.config import instantiate
 from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.io import mat_array
 from polytask.data.mtan import NYUv2MTANDataModule
 from polytask.data.nyud import NYUDDataModule
 from polytask.data.pascal_context import PascalContextDataModule
-from polytask.data.io import mat_array
 from polytask.data.transforms import Pad
 from polytask.evaluation import MAX_DIST, BoundaryODSMetric, segmentation_boundaries
 from polytask.evaluation import evaluate as evaluate_module
-from polytask.evaluation.evaluate import evaluate_main, evaluate_predictions, id_list_sha256
+from polytask.evaluation.evaluate import evaluate_predictions, id_list_sha256
 from polytask.evaluation.prediction_io import quantize_prediction, read_prediction, write_prediction
 from polytask.models.baselines import HardSharing
 from polytask.tasks import EdgeTask, SaliencyTask, Task

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from polytask.evaluation.evaluate import evaluate_main, evaluate_predictions
+from polytask.cli.evaluate import main as evaluate_main
+from polytask.evaluation.evaluate import evaluate_predictions
 
 SHAPE = (8, 10)
 CLASSES = ["sky", "road", "car"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polytask.cli import DEFAULT_CONFIG, MAIN_JOB_CONFIG, default_configs, instantiate, lightning_main
+from polytask.config import DEFAULT_CONFIG, MAIN_JOB_CONFIG, default_configs, instantiate, lightning_main
 from polytask.models.taskexpert import TaskExpert
 from polytask.training import MetricReport, PredictionWriter, ValidationImages
 from polytask.training.standard_callbacks import add_standard_callbacks

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from polytask.data.datamodule import SynthScenesDataModule
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.evaluation.prediction_io import read_prediction
 from polytask.models.baselines import HardSharing
 from polytask.tasks import Task, build_task

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import Dataset
 
-from polytask.cli import PolytaskCLI, config_cli
+from polytask.config import PolytaskCLI, config_cli
 from polytask.data.datamodule import ResumableLoader, ResumableSampler, SeededSamples
 from polytask.data.synthscenes import SynthScenes
 from polytask.training.checkpoint import ResumableCheckpoint, check_plain, last_checkpoints, read_checkpoint

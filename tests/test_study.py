@@ -11,11 +11,11 @@ import pytest
 
 from polytask.cli import main
 from polytask.metrics import delta_m
-from polytask.study.cli import study_main
+from polytask.cli.study import main as study_main
 from polytask.study.report import load_runs, write_report
 from polytask.study.runner import run_study
 from polytask.study.spec import StudyError, load_study, parse_study, run_folder
-from polytask.study.stats import summarize
+from polytask.study.stats import summarize_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -25,7 +25,7 @@ def test_summarize_two_seeds_by_hand() -> None:
     # values +10 and -5: mean 2.5; sample std sqrt((7.5^2 + 7.5^2) / 1) = 10.6066;
     # bootstrap resamples of two values have means -5, 2.5, 2.5, 10 (each 1/4): the 2.5 % and
     # 97.5 % percentiles are -5 and 10; one seed of two has the mean's (positive) sign
-    s = summarize([10.0, -5.0])
+    s = summarize_seeds([10.0, -5.0])
     assert s.n == 2
     assert s.mean == pytest.approx(2.5)
     assert s.std == pytest.approx(10.606601717798213)
@@ -34,16 +34,16 @@ def test_summarize_two_seeds_by_hand() -> None:
 
 
 def test_summarize_edge_cases() -> None:
-    one = summarize([3.0])
+    one = summarize_seeds([3.0])
     assert one.mean == 3.0 and math.isnan(one.std) and math.isnan(one.ci_low) and one.agree == 1
-    same = summarize([2.0, 2.0, 2.0])
+    same = summarize_seeds([2.0, 2.0, 2.0])
     assert (same.std, same.ci_low, same.ci_high, same.agree) == (0.0, 2.0, 2.0, 3)
     # five seeds, all positive: the interval of the mean lies inside [min, max] and above 0
-    five = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    five = summarize_seeds([1.0, 2.0, 3.0, 4.0, 5.0])
     assert five.mean == 3.0 and five.std == pytest.approx(math.sqrt(2.5)) and five.agree == 5
     assert 1.0 <= five.ci_low < 3.0 < five.ci_high <= 5.0
     with pytest.raises(ValueError, match="no values"):
-        summarize([])
+        summarize_seeds([])
 
 
 def _write_run(study_dir: Path, arm: str, seed: int, results: dict, wall: float = 10.0) -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polytask.diagnostics import ExpertUsageMonitor, GateUsage, dominant_expert_maps, expert_usage_main
+from polytask.cli.experts import main as experts_main
+from polytask.cli.summary import main as summary_main
+from polytask.diagnostics import ExpertUsageMonitor, GateUsage, dominant_expert_maps
 from polytask.models.taskexpert import ExpertBank, MMoELayer, TaskExpert, balance_loss, default_mmoe_blocks
-from polytask.summary_cli import summary_main
 from polytask.tasks import build_task
 
 IMAGE = (32, 48)
@@ -387,7 +388,7 @@ def test_summary_and_experts_commands_on_the_synthscenes_config(tmp_path: Path) 
     assert sum(summary["groups"].values()) == summary["total_params"]
     assert summary["flops"] > 0
     figure = tmp_path / "experts.png"
-    assert expert_usage_main(["--config", SYNTH_CONFIG, "--index", "1", "--out", str(figure), *data]) == 0
+    assert experts_main(["--config", SYNTH_CONFIG, "--index", "1", "--out", str(figure), *data]) == 0
     assert figure.stat().st_size > 0
 
 
@@ -403,18 +404,18 @@ def test_experts_command_loads_weights_and_images_like_every_other_command(
     figure = tmp_path / "experts.png"
     photo = tmp_path / "photo.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
-    assert expert_usage_main(["--config", SYNTH_CONFIG, "--image", str(photo), "--out", str(figure), *data]) == 0
+    assert experts_main(["--config", SYNTH_CONFIG, "--image", str(photo), "--out", str(figure), *data]) == 0
     assert figure.stat().st_size > 0
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     for image, reason in ((broken, "not an image PIL can read"), (tmp_path / "missing.png", "no such file")):
         with pytest.raises(SystemExit):
-            expert_usage_main(["--config", SYNTH_CONFIG, "--image", str(image), "--out", str(figure), *data])
+            experts_main(["--config", SYNTH_CONFIG, "--image", str(image), "--out", str(figure), *data])
         assert f"--image {image}: {reason}" in capsys.readouterr().err
     wrong = tmp_path / "other_model.safetensors"
     save_file({"backbone.weight": torch.zeros(2)}, str(wrong))
     with pytest.raises(CheckpointMismatchError, match="other_model.safetensors"):
-        expert_usage_main(["--config", SYNTH_CONFIG, "--ckpt_path", str(wrong), "--index", "0", "--out", str(figure), *data])
+        experts_main(["--config", SYNTH_CONFIG, "--ckpt_path", str(wrong), "--index", "0", "--out", str(figure), *data])
 
 
 
@@ -431,7 +432,7 @@ class _Attention(torch.nn.Module):
 
 
 def test_count_flops_includes_attention_matmuls() -> None:
-    from polytask.summary import count_flops
+    from polytask.models.summary import count_flops
 
     length, dim = 4 * 5, 64
     projection = 2 * length * 3 * dim

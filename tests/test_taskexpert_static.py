@@ -9,8 +9,8 @@ import yaml
 
 from polytask.models import MODEL_REGISTRY, create_model
 from polytask.models.taskexpert import MMoELayer, StaticTaskExpert, TaskExpert
-from polytask.summary import summarize
-from polytask.summary_cli import summary_main
+from polytask.models.summary import summarize_model
+from polytask.cli.summary import main as summary_main
 from polytask.tasks import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -102,7 +102,7 @@ def test_paper_configs_static_control_matches_params_and_flops(config: str) -> N
     with torch.device("meta"):
         dynamic = TaskExpert(PAPER_TASKS[config.split("_")[0]](), **init)
         static = TaskExpert(PAPER_TASKS[config.split("_")[0]](), **{**init, "memory_read": False, "gating": "static"})
-    a, b = summarize(static, static.image_size), summarize(dynamic, dynamic.image_size)
+    a, b = summarize_model(static, static.image_size), summarize_model(dynamic, dynamic.image_size)
     assert a.groups["heads"] == b.groups["heads"] and a.groups["backbone"] == b.groups["backbone"]
     assert within(a.total_params, b.total_params)
     assert within(decoder_params(a.groups), decoder_params(b.groups))

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from polytask.cli import instantiate
+from polytask.config import instantiate
 from polytask.data.datamodule import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.models.taskexpert import TaskExpert

@@ -19,7 +19,7 @@ in order, as for ``fit``), at the config's resolution, ``--image-size``, or a re
   allocator (the running ``Total Allocated`` of its memory events), because ``tracemalloc`` does
   not see torch's allocations and ``ru_maxrss`` is a process-wide high-water mark that cannot go
   down between variants;
-* parameters and forward FLOPs (:func:`polytask.summary.summarize`), and the parameters that get
+* parameters and forward FLOPs (:func:`polytask.models.summary.summarize_model`), and the parameters that get
   no gradient in a training step (DDP's ``find_unused_parameters``);
 * with ``--profile N``, the N operators with the most self time in one call of every variant;
 * samples/s of the config's training loader (:mod:`polytask.bench_loader`), next to the training
@@ -79,10 +79,10 @@ from torch.utils.data import Dataset
 
 from polytask.bench_loader import LoaderStats, measure_loader
 from polytask.data.datamodule import MultiTaskDataModule, build_datamodule, datamodule_class
-from polytask.summary import summarize
+from polytask.models.summary import summarize_model
 from polytask.tasks import AttributeTask, DepthTask, EdgeTask, NormalsTask, SaliencyTask, SegmentationTask, Task
 from polytask.training.module import MultiTaskModule
-from polytask.training.report import write_json_atomic
+from polytask.utils.files import write_json_atomic
 
 PRECISIONS = ("fp32", "bf16")
 RESOLUTION_KEYS = ("image_size", "train_size", "crop_size")
@@ -153,8 +153,8 @@ class FilelessDataModule(MultiTaskDataModule):
 
 
 def _config_cli(config_paths: Sequence[str], overrides: Sequence[str]) -> Any:
-    """Parse configs as :func:`polytask.cli.instantiate` does (same CLI options), without instantiating anything."""
-    from polytask.cli import PolytaskCLI, config_cli
+    """Parse configs as :func:`polytask.config.instantiate` does (same CLI options), without instantiating anything."""
+    from polytask.config import PolytaskCLI, config_cli
 
     class ParseOnly(PolytaskCLI):
         """Stops after parsing, so the config can be adjusted before the classes are built."""
@@ -919,11 +919,11 @@ def bench_inputs(
         "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
         "skipped": skipped,
-        "summary": summarize(net, image_size).as_dict(),
+        "summary": summarize_model(net, image_size).as_dict(),
         "loader": loader.as_dict() if loader is not None else None,
     }
     bare, _ = make_bare_net(net, module.tasks, image_size) if with_bare else (None, None)
-    report["bare_summary"] = summarize(bare, image_size).as_dict() if bare is not None else None
+    report["bare_summary"] = summarize_model(bare, image_size).as_dict() if bare is not None else None
     report["notes"] = list(experiment.notes)
     return BenchInputs(report, batch, loader)
 
@@ -1231,7 +1231,7 @@ def bench_main(args: Sequence[str]) -> int:
     args = list(args)
     # the profiler's library (Kineto) logs GPU probing errors on CPU-only machines; a user's own level wins
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    from polytask.cli import parse_tool_args
+    from polytask.cli.args import parse_tool_args
 
     options, overrides = parse_tool_args(_parser(), args)
     precisions = [p.strip() for p in options.modes.split(",") if p.strip()]

@@ -10,7 +10,6 @@ until a file changes, and stops with the list of bad samples unless ``on_bad_sam
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -20,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -395,33 +393,3 @@ def check_dataset(name: str, root: str | Path, full: bool = True, options: Mappi
         summary.bad_samples = len({p.sample for p in problems})
         summary.problems = len(problems)
     return report
-
-
-def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
-def data_main(args: Sequence[str]) -> int:
-    """``polytask data check --dataset NAME --root DIR [--quick] [--set KEY=VALUE ...]``.
-
-    Prints the report; returns 0 when the dataset is clean, 1 when problems were found.
-    """
-    parser = argparse.ArgumentParser(prog="polytask data", description="Dataset tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="validate a dataset directory and list every problem")
-    check.add_argument("--dataset", required=True, choices=sorted(registry()), help="dataset name")
-    check.add_argument("--root", required=True, help="dataset directory")
-    check.add_argument("--quick", action="store_true", help="header-level checks only (no label decoding)")
-    check.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                       help="datamodule argument, e.g. --set num_classes=19 (repeatable)")
-    check.add_argument("--max-rows", type=int, default=200, help="problems listed at most")
-    parsed = parser.parse_args(list(args))
-    report = check_dataset(parsed.dataset, parsed.root, full=not parsed.quick, options=_parse_options(parsed.options))
-    report.render(Console(), max_rows=parsed.max_rows)
-    return 0 if report.ok else 1

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.datamodule import MultiTaskDataModule
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from polytask.tasks import ImageClassificationTask
 
 TASK_CLASSES: dict[str, int] = {"left": 10, "right": 10, "parity": 2, "compare": 3}

@@ -36,7 +36,8 @@ import torch
 from polytask.data.check import FileDataModule
 from polytask.data.io import DataFile, DataFileError, FileDataset, as_2d, check_same_size, image_tensor, read_npy
 from polytask.data.transforms import eval_transform
-from polytask.tasks import IGNORE_INDEX, Task, build_task
+from polytask.constants import IGNORE_INDEX
+from polytask.tasks import Task, build_task
 
 TaskSplit = Literal["multiclass", "binary"]
 

@@ -42,7 +42,8 @@ from polytask.data.io import (
     read_rgb,
 )
 from polytask.data.transforms import check_size, eval_transform, train_transform
-from polytask.tasks import IGNORE_INDEX, Task, build_task
+from polytask.constants import IGNORE_INDEX
+from polytask.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 
 from polytask.data.check import FileDataModule
-from polytask.evaluation.correspondence import thin
+from polytask.ops.thinning import thin
 from polytask.data.io import (
     DataFile,
     DataFileError,
@@ -50,7 +50,8 @@ from polytask.data.io import (
     read_rgb,
 )
 from polytask.data.transforms import check_size, eval_transform, train_transform
-from polytask.tasks import IGNORE_INDEX, Task, build_task
+from polytask.constants import IGNORE_INDEX
+from polytask.tasks import Task, build_task
 
 CLASS_NAMES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -42,8 +42,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import Dataset
 
-from polytask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 CLASS_NAMES: tuple[str, ...] = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
 PART_NAMES: tuple[str, ...] = ("background", "top", "front", "side")

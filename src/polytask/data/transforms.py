@@ -24,10 +24,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from polytask.tasks import IGNORE_INDEX, DepthTask, NormalsTask, Task
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from polytask.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from polytask.tasks import DepthTask, NormalsTask, Task
 
 TargetKind = Literal["image", "label", "normals", "depth"]
 Sample = dict[str, Any]

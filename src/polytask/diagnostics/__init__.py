@@ -5,7 +5,6 @@ from polytask.diagnostics.expert_usage import (
     GateRecorder,
     GateUsage,
     dominant_expert_maps,
-    expert_usage_main,
     plot_dominant_experts,
     plot_usage_heatmaps,
 )
@@ -15,7 +14,6 @@ __all__ = [
     "GateRecorder",
     "GateUsage",
     "dominant_expert_maps",
-    "expert_usage_main",
     "plot_dominant_experts",
     "plot_usage_heatmaps",
 ]

@@ -12,7 +12,8 @@ from polytask.evaluation.boundary import (
     read_prediction_png,
     segmentation_boundaries,
 )
-from polytask.evaluation.correspondence import PixelMatcher, correspond_pixels, thin
+from polytask.evaluation.correspondence import PixelMatcher, correspond_pixels
+from polytask.ops.thinning import thin
 from polytask.evaluation.edge_nms import edge_nms, edge_orientation, seism_nms
 
 __all__ = [

@@ -9,7 +9,7 @@ thresholds of SEISM's ``parameters/HED.txt``. Per image this module:
 3. binarises the suppressed map at every threshold with a strict ``>`` (the single-precision
    value compared exactly with the double-precision threshold); MTI-Net's variant (no NMS,
    ``>=``, 0.01 ... 0.99) is available through :class:`BoundaryEvaluator`'s options;
-4. thins each binary map and the ground-truth boundary map (:func:`.correspondence.thin`);
+4. thins each binary map and the ground-truth boundary map (:func:`polytask.ops.thinning.thin`);
 5. matches thinned prediction and ground-truth pixels one-to-one within
    ``max_dist * sqrt(H^2 + W^2)`` pixels (:class:`.correspondence.PixelMatcher`);
 6. records, per threshold, the matched pixels, the thinned prediction pixels and the thinned
@@ -36,9 +36,10 @@ from PIL import Image
 from rich.progress import Progress
 from torchmetrics import Metric
 
-from polytask.evaluation.correspondence import PixelMatcher, match_radius, thin
+from polytask.evaluation.correspondence import PixelMatcher, match_radius
+from polytask.ops.thinning import thin
 from polytask.evaluation.edge_nms import seism_nms
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import synced_states
 
 #: Matching tolerance as a fraction of the image diagonal (InvPT/ATRC/ASTMT protocol).
@@ -235,7 +236,7 @@ def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
     return float(np.interp(grid, unique_recall, curve_precision).sum() / 100)
 
 
-def summarize(
+def summarize_counts(
     thresholds: Sequence[float],
     total: BoundaryCounts,
     ois: tuple[int, int, int],
@@ -284,7 +285,7 @@ def summarize_images(thresholds: Sequence[float], counts: Sequence[BoundaryCount
         int(sum(c.pred[k] for c, k in zip(counts, best))),
         int(sum(c.gt[k] for c, k in zip(counts, best))),
     )
-    return summarize(thresholds, total, ois, len(counts))
+    return summarize_counts(thresholds, total, ois, len(counts))
 
 
 def _resolve_thresholds(thresholds: int | Sequence[float]) -> tuple[float, ...]:
@@ -576,7 +577,7 @@ class BoundaryODSMetric(Metric):
             )
             ois_matched, ois_pred, ois_gt = (int(v) for v in self.ois_counts.tolist())
             n_images = int(self.n_images)
-        return summarize(self.evaluator.thresholds, total, (ois_matched, ois_pred, ois_gt), n_images)
+        return summarize_counts(self.evaluator.thresholds, total, (ois_matched, ois_pred, ois_gt), n_images)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"odsF", "oisF", "ap"}`` in percent (float64 scalars)."""

@@ -8,7 +8,7 @@ Roaming's scripts instead, per-batch averages included. ``compute()`` returns a
 """
 
 from polytask.metrics.attributes import AttributeMetric
-from polytask.metrics.boundary import BoundaryFMetric
+from polytask.metrics.edge import BoundaryFMetric
 from polytask.metrics.classification import ClassificationAccuracy
 from polytask.metrics.delta import delta_m, load_reference
 from polytask.metrics.depth import DepthMetric

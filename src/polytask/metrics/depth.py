@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import safe_div
 
 LOG_EPS = 1e-9

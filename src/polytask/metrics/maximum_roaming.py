@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import safe_div
 from polytask.metrics.attributes import AttributeMetric
 from polytask.metrics.normals import WITHIN_DEGREES

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import safe_div
 
 WITHIN_DEGREES: tuple[float, ...] = (11.25, 22.5, 30.0)

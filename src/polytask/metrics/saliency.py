@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import count_above, safe_div
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import safe_div, synced_states
 
 AbsentClassPolicy = Literal["zero", "nan"]

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from polytask.study.spec import StudyError, run_folder, study_from_folder
-from polytask.study.stats import PairedSummary, mean_std, paired_delta_m, summarize
+from polytask.study.stats import PairedSummary, mean_std, paired_delta_m, summarize_seeds
 from polytask.study.worker import read_json
 
 
@@ -90,7 +90,7 @@ def load_runs(study_dir: Path) -> StudyResults:
 def _summary_of(per_seed: dict[int, float]) -> PairedSummary | None:
     """Paired statistics of the seeds whose Delta_m is defined, in seed order; None when none is."""
     defined = [v for _, v in sorted(per_seed.items()) if not math.isnan(v)]
-    return summarize(defined) if defined else None
+    return summarize_seeds(defined) if defined else None
 
 
 def _delta_row(label: str, summary: PairedSummary) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from polytask.study.spec import Study, StudyError, arm_seed_pairs, run_folder
 from polytask.study.worker import read_json
-from polytask.training.report import write_json_atomic
+from polytask.utils.files import write_json_atomic
 
 GITIGNORE = (
     "# written by polytask study run: checkpoints are resume points, not results; the run folders\n"

@@ -64,7 +64,7 @@ def paired_delta_m(
     return out
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> PairedSummary:
+def summarize_seeds(values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> PairedSummary:
     """Mean, sample std, percentile-bootstrap interval of the mean and sign agreement of ``values``.
 
     The interval resamples the seeds with replacement (``scipy.stats.bootstrap``, percentile

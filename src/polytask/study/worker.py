@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from polytask.training.checkpoint import ResumableCheckpoint
-from polytask.training.report import write_json_atomic
+from polytask.utils.files import write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -122,7 +122,7 @@ def _record(run_dir: Path, payload: Mapping[str, Any]) -> None:
 def train_and_score(run_dir: Path, spec: Mapping[str, Any], record: dict[str, Any]) -> None:
     """Build the run's configuration, fit (resuming from ``checkpoints/last.ckpt`` if present),
     score the final weights on the study's split and write ``metrics.json``."""
-    from polytask.cli import instantiate
+    from polytask.config import instantiate
 
     overrides = [
         *spec["overrides"],

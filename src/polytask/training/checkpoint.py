@@ -11,7 +11,7 @@
   logger versions); :func:`last_checkpoints` lists what ``ckpt_path="last"`` can resume from.
 * :func:`state_dict_mismatch` lists what differs between a checkpoint and a model;
   :class:`CheckpointMismatchError` reports it with the configs involved.
-* :func:`export_safetensors`, :func:`load_weights` and :func:`export_main` (``polytask export``)
+* :func:`export_safetensors` (``polytask export``) and :func:`load_weights`
   move network weights in and out of ``.safetensors`` files.
 * :func:`rng_state` / :func:`restore_rng_state` carry the global random generators through a
   checkpoint as tensors and plain values.
@@ -19,19 +19,15 @@
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import os
 import pickle
 import random
 import re
-import sys
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from polytask.utils.files import atomic_write
 
 CHECKPOINT_KEY = "polytask"
 """Key of polytask's own entry in a Lightning checkpoint: ``{"config": JSON str, "rng": ..., "guard": ...}``."""
@@ -66,38 +64,6 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The tensors of a checkpoint do not match the model's (other tasks, network or options)."""
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Create or replace ``path`` atomically: ``write`` fills a temporary file in the same folder,
-    which is flushed to disk (``fsync``) and renamed over ``path`` (``os.replace``).
-
-    A process killed at any moment leaves either the old file or the new one, never a mix;
-    temporary files of earlier killed writes of the same target are removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}."
-    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if os.name == "posix":
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
 
 
 def check_plain(value: Any, where: str = "checkpoint") -> None:
@@ -458,24 +424,6 @@ def load_weights(module_or_net: nn.Module, path: str | Path) -> nn.Module:
     if position is not None and hasattr(module_or_net, "loaded_position"):
         module_or_net.loaded_position = position
     return net
-
-
-def export_main(args: Sequence[str]) -> int:
-    """``polytask export --ckpt_path RUN.ckpt --out WEIGHTS.safetensors``: network weights to safetensors."""
-    parser = argparse.ArgumentParser(prog="polytask export", description=export_main.__doc__)
-    parser.add_argument("--ckpt_path", "--ckpt", dest="ckpt", required=True, help="Lightning checkpoint written by `polytask fit`")
-    parser.add_argument("--out", help="output .safetensors file (default: the checkpoint's name with .safetensors)")
-    options = parser.parse_args(list(args))
-    out = Path(options.out) if options.out else Path(options.ckpt).with_suffix(".safetensors")
-    if out.suffix != ".safetensors":
-        parser.error(f"--out {out}: expected a .safetensors file name")
-    try:
-        export_safetensors(options.ckpt, out)
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f"polytask export: error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) from {options.ckpt}")
-    return 0
 
 
 def rng_state() -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Lightning counts FLOPs by running ``example_input_array`` through the module; polytask's modules
 have none (their input size is the datamodule's), so its summary printed ``Total FLOPs: 0``. These
 callbacks count one image at the training resolution instead (attention through the math backend,
-see :func:`polytask.summary.flop_counter`). The CLI puts them in place of Lightning's own.
+see :func:`polytask.models.summary.flop_counter`). The CLI puts them in place of Lightning's own.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 
-from polytask.summary import flop_counter, training_resolution
+from polytask.models.summary import flop_counter, training_resolution
 
 
 class _NetFlops:

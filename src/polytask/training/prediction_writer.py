@@ -110,7 +110,7 @@ def write_png(path: Path, picture: np.ndarray) -> Path:
     """Save an ``(H, W, 3)`` uint8 array as ``path`` (PNG): written under a temporary name in the
     same folder, then renamed over ``path``, so concurrent writers of the same file (distributed
     padding duplicates) never leave a partial one. No ``fsync`` and no removal of other temporary
-    files (unlike :func:`polytask.training.checkpoint.atomic_write`, whose clean-up would delete
+    files (unlike :func:`polytask.utils.files.atomic_write`, whose clean-up would delete
     the temporary file of another process writing the same picture)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

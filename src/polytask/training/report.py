@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
-from rich.table import Table
 
-from polytask.training.checkpoint import atomic_write
-
-
-def metric_table(results: Mapping[str, Mapping[str, float]], title: str) -> Table:
-    """A rich table with one row per task and its metrics."""
-    table = Table(title=title)
-    table.add_column("task", style="bold")
-    table.add_column("metrics")
-    for task, values in results.items():
-        table.add_row(task, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
-    return table
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2).encode()
-    atomic_write(path, lambda f: f.write(text))
+from polytask.utils.files import write_json_atomic
+from polytask.utils.tables import metric_table
 
 
 class MetricReport(pl.Callback):

@@ -20,7 +20,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from polytask.data.transforms import denormalize
-from polytask.tasks import IGNORE_INDEX, Task
+from polytask.constants import IGNORE_INDEX
+from polytask.tasks import Task
 from polytask.viz import image_to_uint8
 
 TAG_PREFIX = "val_images"

@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-
-from polytask.summary import ModelSummary, summarize, training_resolution
-from polytask.training.report import write_json_atomic
+from polytask.cli.args import parse_tool_args
+from polytask.config import instantiate
+from polytask.models.summary import ModelSummary, summarize_model, training_resolution
+from polytask.utils.files import write_json_atomic
 
 
 def format_summary(summary: ModelSummary, name: str) -> str:
@@ -24,7 +25,7 @@ def format_summary(summary: ModelSummary, name: str) -> str:
     return "\n".join(lines)
 
 
-def summary_main(args: Sequence[str]) -> int:
+def main(args: Sequence[str]) -> int:
     """``polytask summary --config CFG [--config CFG2 ...] [--image-size H W] [--json OUT]``.
 
     Builds the config's network without training and prints its parameter counts (total and per
@@ -34,7 +35,7 @@ def summary_main(args: Sequence[str]) -> int:
     Without ``--config``, the main job's network (polytask's defaults). Other ``--key value``
     arguments are config overrides, as for ``polytask fit``.
     """
-    parser = argparse.ArgumentParser(prog="polytask summary", description=summary_main.__doc__)
+    parser = argparse.ArgumentParser(prog="polytask summary", description=main.__doc__)
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config (repeatable, applied in order over polytask's defaults)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -42,8 +43,6 @@ def summary_main(args: Sequence[str]) -> int:
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--load-pretrained", action="store_true",
                         help="keep the config's pretrained setting (default: build with pretrained: false)")
-    from polytask.cli import instantiate, parse_tool_args
-
     options, overrides = parse_tool_args(parser, args)
 
     if not options.load_pretrained:
@@ -53,7 +52,7 @@ def summary_main(args: Sequence[str]) -> int:
     size = tuple(options.image_size) if options.image_size else training_resolution(net, cli.datamodule)
     if size is None:
         parser.error("the config does not say its training resolution; give --image-size H W")
-    summary = summarize(net, size)
+    summary = summarize_model(net, size)
     name = f"{type(net).__name__} ({', '.join(options.config) or 'polytask defaults'})"
     print(format_summary(summary, name))
     if options.json:

@@ -77,7 +77,7 @@ def training_resolution(net: object, datamodule: object) -> tuple[int, int] | No
     return None
 
 
-def summarize(net: nn.Module, image_size: Sequence[int]) -> ModelSummary:
+def summarize_model(net: nn.Module, image_size: Sequence[int]) -> ModelSummary:
     """Parameters (total, trainable, per component) and forward FLOPs of one image."""
     groups_fn = getattr(net, "param_groups", None)
     groups = {k: sum(p.numel() for p in ps if p.requires_grad) for k, ps in groups_fn().items()} if groups_fn else {}

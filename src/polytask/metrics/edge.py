@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from polytask.losses import IGNORE_INDEX
+from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import count_above, safe_div
 
 

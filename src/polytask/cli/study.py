@@ -41,7 +41,7 @@ def _comparisons(values: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def study_main(args: Sequence[str]) -> int:
+def main(args: Sequence[str]) -> int:
     """Entry point of ``polytask study``; 0 when every run finished, 1 otherwise."""
     ns = _parser().parse_args(list(args))
     try:

@@ -1,0 +1,1 @@
+"""Array operations shared by several layers (data and evaluation)."""

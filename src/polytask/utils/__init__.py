@@ -1,0 +1,1 @@
+"""Helpers without polytask dependencies: atomic files, terminal tables."""
