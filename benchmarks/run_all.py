@@ -4,7 +4,7 @@ Every benchmark runs in its own process (``polytask bench`` with ``--json``), on
 Two sections of RESULTS.md are (re)written, the other sections are kept:
 
 * ``## polytask bench (CPU)``: one row per config of ``configs/`` (layered configs on top of their
-  base, see :func:`polytask.bench.config_chain`), at the config's resolution or, above
+  base, see :func:`polytask.profiling.experiment.config_chain`), at the config's resolution or, above
   ``--max-pixels``, at a reduced one (the table says so);
 * ``## polytask bench targets (CPU)``: the measurements behind the speed targets (TaskExpert vs its
   bare ViT-S/16 at 224x224; ETR-NLP batched vs per-task with 4 and more tasks; loader vs training
@@ -34,13 +34,13 @@ from typing import Any
 
 import yaml
 
-from polytask.bench import benchmark_configs, config_chain
+from polytask.profiling.experiment import benchmark_configs, config_chain
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONFIG_SECTION = "## polytask bench (CPU)"
 TARGET_SECTION = "## polytask bench targets (CPU)"
-BENCH = "import sys; from polytask.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))"
+BENCH = "import sys; from polytask.cli.bench import main; sys.exit(main(sys.argv[1:]))"
 
 
 @dataclass

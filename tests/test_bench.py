@@ -14,22 +14,13 @@ import torch
 import yaml
 from fixtures_data import write_celeba, write_folder
 
-from polytask.bench import (
-    BareNet,
-    Result,
-    Variant,
-    benchmark_configs,
-    bench_main,
-    config_chain,
-    fit_batch,
-    interleave_sides,
-    make_bare_net,
-    peak_memory_mb,
-    ratios,
-    synthetic_batch,
-    time_interleaved,
-    versus_comparison,
-)
+from polytask.cli.bench import main as bench_main
+from polytask.profiling.bare import BareNet, make_bare_net
+from polytask.profiling.experiment import benchmark_configs, config_chain
+from polytask.profiling.inputs import fit_batch, synthetic_batch
+from polytask.profiling.memory import peak_memory_mb
+from polytask.profiling.run import interleave_sides, versus_comparison
+from polytask.profiling.timing import Result, Variant, ratios, time_interleaved
 from polytask.data import SynthScenesDataModule
 from polytask.models import HardSharing
 
@@ -219,7 +210,7 @@ def test_bench_profile_on_cpu_prints_no_gpu_probing_errors(workdir: Path) -> Non
 
 
 def test_versus_times_two_configs_in_one_interleaved_run(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import polytask.bench as bench
+    from polytask.profiling import run as bench
 
     calls: list[str] = []
     timed = bench.time_interleaved

@@ -60,7 +60,7 @@ def test_bf16_autocast_training_step(device: str) -> None:
     tasks = SynthScenesDataModule(tasks=["semseg", "depth", "normals", "edge"]).tasks
     torch.manual_seed(0)
     nets = [tiny_taskexpert(), HardSharing(tasks, backbone="resnet18", pretrained=False, decoder_channels=16, head_channels=8)]
-    from polytask.bench import synthetic_batch
+    from polytask.profiling.inputs import synthetic_batch
 
     for net in nets:
         net = net.to(device).train()
