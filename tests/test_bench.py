@@ -229,7 +229,7 @@ def test_versus_times_two_configs_in_one_interleaved_run(workdir: Path, monkeypa
 
     report = json.loads(out.read_text())
     versus = report["versus"]
-    assert report["model"] == "HardSharing" and versus["model"] == "ETRNLPSegNet"
+    assert report["model"] == "HardSharing" and versus["model"] == "RoutedSegNet"
     assert versus["configs"] == [str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
     assert versus["image_size"] == report["image_size"] == [32, 32] and versus["batch_size"] == report["batch_size"] == 2
     base = {r["key"]: r for r in report["devices"][0]["results"]}

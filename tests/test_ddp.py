@@ -345,7 +345,7 @@ TASKEXPERT = {
         "head_channels": 8,
     },
 }
-ETR_NLP = {"class_path": "polytask.models.etr_nlp.ETRNLPSegNet", "init_args": {"filters": [8, 8, 16, 16, 16]}}
+ETR_NLP = {"class_path": "polytask.models.etr_nlp.RoutedSegNet", "init_args": {"routing": "etr_nlp", "filters": [8, 8, 16, 16, 16]}}
 MULTI_TASK_MODULE = "polytask.training.MultiTaskModule"
 PER_TASK_MODULE = "polytask.training.PerTaskModule"
 
@@ -431,7 +431,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_gloo_sync_batchnorms_are_plain_outside_distributed_runs() -> None:
-    from polytask.models.etr_nlp.router import TaskRouter
+    from polytask.models.etr_nlp.stacked_batch import TaskRouter
 
     x = torch.randn(4, 3, 5, 6)
     router = TaskRouter(2)

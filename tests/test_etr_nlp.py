@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import lightning.pytorch as pl
 import pytest
@@ -10,17 +12,18 @@ import torch
 
 from polytask.config import instantiate
 from polytask.data.digits import DigitsDataModule
-from polytask.models import create_model
+from polytask.models import MODEL_REGISTRY, create_model
 from polytask.models.etr_nlp import (
     PRIMITIVES,
     ETRNLPModule,
-    ETRNLPResNet18,
-    ETRNLPSegNet,
     NLPBlock,
     NLPOptions,
     RoutedConv,
     RoutedNet,
+    RoutedResNet,
+    RoutedSegNet,
     Routing,
+    RoutingKind,
     TaskBatchNorm,
     TaskRouter,
 )
@@ -42,9 +45,9 @@ def attribute_tasks(n: int = 4) -> list:
     return [build_task("attributes", name=f"group{i}", attribute_names=["a", "b"]) for i in range(n)]
 
 
-def tiny_segnet(seed: int = 0, **options: object) -> ETRNLPSegNet:
+def tiny_segnet(seed: int = 0, **options: object) -> RoutedSegNet:
     torch.manual_seed(0)
-    return ETRNLPSegNet(dense_tasks(), nlp=ALL_PRIMITIVES, seed=seed, **TINY_SEGNET, **options)
+    return RoutedSegNet(dense_tasks(), routing="etr_nlp", nlp=ALL_PRIMITIVES, seed=seed, **TINY_SEGNET, **options)
 
 
 def primitive_buffers(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,7 +116,7 @@ def test_shared_and_task_channels_follow_gamma(gamma: float, shared: int) -> Non
 
 
 def test_every_routed_convolution_of_a_network_uses_gamma() -> None:
-    net = ETRNLPResNet18(attribute_tasks(), gamma=0.75, **TINY_RESNET)
+    net = RoutedResNet(attribute_tasks(), routing="etr_nlp", gamma=0.75, **TINY_RESNET)
     plain = create_model("hard_sharing_resnet18", attribute_tasks(), **TINY_RESNET)
     convs = [m for m in net.trunk.modules() if isinstance(m, RoutedConv)]
     assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in plain.trunk.modules()) >= 20
@@ -195,7 +198,7 @@ def test_checkpoint_restores_outputs_into_a_model_built_with_another_seed() -> N
 
 def test_routing_rejects_options_its_kind_does_not_use() -> None:
     with pytest.raises(ValueError, match="gamma"):
-        Routing("hard", gamma=0.9)
+        Routing("hard_sharing", gamma=0.9)
     with pytest.raises(ValueError, match="unknown routing"):
         Routing("soft")  # type: ignore[arg-type]
     assert Routing("etr_nlp").gamma == 0.9 and Routing("task_routing").active_ratio == 0.5
@@ -220,7 +223,7 @@ class CountingAdam(torch.optim.Adam):
 def test_per_task_module_steps_the_optimizer_once_per_task_per_batch() -> None:
     data = DigitsDataModule(num_train=8, num_val=4, scale=1, batch_size=4)
     module = PerTaskModule(
-        net=lambda tasks: ETRNLPResNet18(tasks, **TINY_RESNET),
+        net=lambda tasks: RoutedResNet(tasks, routing="etr_nlp", **TINY_RESNET),
         tasks=data.tasks,
         default_loss_weights=data.loss_weights,
         optimizer=lambda params: CountingAdam(params, lr=1e-3),
@@ -262,12 +265,69 @@ def test_segnet_unpooling_equals_max_unpool2d_and_runs_in_deterministic_mode() -
 @pytest.mark.parametrize(
     ("configs", "expected"),
     [
-        (["configs/etr_nlp_digits.yaml"], ("ETRNLPResNet18", 4)),
-        (["configs/etr_nlp_synthscenes.yaml"], ("ETRNLPSegNet", 4)),
-        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_cityscapes_binary.yaml"], ("ETRNLPSegNet", 8)),
-        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"], ("HardSharingSegNet", 2)),
+        (["configs/etr_nlp_digits.yaml"], ("RoutedResNet", "etr_nlp", 4)),
+        (["configs/etr_nlp_synthscenes.yaml"], ("RoutedSegNet", "etr_nlp", 4)),
+        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_cityscapes_binary.yaml"], ("RoutedSegNet", "etr_nlp", 8)),
+        (["configs/etr_nlp_cityscapes.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"], ("RoutedSegNet", "hard_sharing", 2)),
     ],
 )
-def test_configs_build_the_intended_network(configs: list[str], expected: tuple[str, int]) -> None:
+def test_configs_build_the_intended_network(configs: list[str], expected: tuple[str, str, int]) -> None:
     cli = instantiate([str(REPO / c) for c in configs], ["--trainer.logger", "false"])
-    assert (type(cli.model.net).__name__, len(cli.model.net.tasks)) == expected
+    net = cli.model.net
+    assert (type(net).__name__, net.routing.kind, len(net.tasks)) == expected
+
+
+# Learnable parameters and the float64 sum of |outputs| (seeded weights, primitives and input) of every registered
+# routed network, measured with the classes they replaced (ETRNLPSegNet, ..., SingleTaskResNet18; issue 14).
+FORMER_CLASSES = {
+    "etr_nlp_segnet": (20343, 9567.015006269958),
+    "etr_segnet": (54143, 10060.57346852463),
+    "nlp_segnet": (15719, 10667.629281383131),
+    "task_routing_segnet": (42759, 6023.905778865063),
+    "hard_sharing_segnet": (42759, 10272.709790582474),
+    "single_task_segnet": (124647, 9795.420423328575),
+    "etr_nlp_resnet18": (17814, 3.742847087746783),
+    "etr_resnet18": (51582, 4.367307994885291),
+    "nlp_resnet18": (12072, 5.760308823765891),
+    "task_routing_resnet18": (37032, 3.847182521674),
+    "hard_sharing_resnet18": (37032, 4.092516181673346),
+    "single_task_resnet18": (147720, 5.568356529052501),
+    "etr_nlp_timm_resnet": (17635, 5902.456136366161),
+}
+
+
+def seeded_variant(name: str, build: Callable[..., RoutedNet] | None = None) -> tuple[RoutedNet, dict[str, torch.Tensor]]:
+    """The registered network ``name`` (or ``build(tasks, **options)``) with tiny widths, seeded, in float64, and
+    its outputs for a seeded ``(2, 3, 32, 32)`` batch in training mode."""
+    tasks = attribute_tasks() if name.endswith("resnet18") else dense_tasks()
+    options: dict = {**(TINY_RESNET if "resnet" in name else TINY_SEGNET), "seed": 1}
+    if name == "etr_nlp_timm_resnet":
+        options.update(decoder_channels=8, head_channels=4)
+    torch.manual_seed(0)
+    net = (build or MODEL_REGISTRY[name])(tasks, **options).double().train()
+    with torch.no_grad():
+        return net, net(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+
+def test_routed_networks_keep_the_parameters_and_outputs_of_the_classes_they_replaced() -> None:
+    assert {n for n in MODEL_REGISTRY if n.endswith(("_segnet", "_resnet18")) or n == "etr_nlp_timm_resnet"} == set(FORMER_CLASSES)
+    for name, (params, total) in FORMER_CLASSES.items():
+        net, outputs = seeded_variant(name)
+        assert sum(p.numel() for p in net.parameters()) == params, name
+        assert sum(o.abs().sum().item() for o in outputs.values()) == pytest.approx(total, rel=1e-9), name
+
+
+@pytest.mark.parametrize("kind", get_args(RoutingKind))
+@pytest.mark.parametrize(("architecture", "suffix"), [(RoutedSegNet, "segnet"), (RoutedResNet, "resnet18")])
+def test_a_registered_variant_is_its_architecture_with_the_routing_argument(
+    architecture: type[RoutedNet], suffix: str, kind: str
+) -> None:
+    name = f"{kind}_{suffix}"
+    variant, variant_outputs = seeded_variant(name)
+    direct, direct_outputs = seeded_variant(name, lambda tasks, **options: architecture(tasks, routing=kind, **options))
+    assert type(variant) is architecture and variant.routing == direct.routing and variant.routing.kind == kind
+    assert variant.state_dict().keys() == direct.state_dict().keys()
+    for key, value in variant.state_dict().items():
+        assert torch.equal(value, direct.state_dict()[key]), key
+    for task, output in variant_outputs.items():
+        torch.testing.assert_close(output, direct_outputs[task], rtol=0, atol=0)

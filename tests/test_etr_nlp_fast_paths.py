@@ -10,7 +10,7 @@ from torch import nn
 from polytask.models.etr_nlp.layers import RoutedConv
 from polytask.models.etr_nlp.nlp import PointwiseMix, pointwise_blocks
 from polytask.models.etr_nlp.primitives import FixedPool
-from polytask.models.etr_nlp.router import TaskRouter
+from polytask.models.etr_nlp.stacked_batch import TaskRouter
 
 
 @pytest.mark.parametrize("stride", [1, 2])

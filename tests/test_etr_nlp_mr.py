@@ -18,12 +18,11 @@ from polytask.data.celeba import ATTRIBUTE_GROUPS
 from polytask.data.mtan import segmentation_tasks
 from polytask.models.etr_nlp import (
     BlockBatchNorm,
-    ETRNLPSegNet,
     NLPBlock,
     RoutedConv,
+    RoutedSegNet,
     TaskBatchNorm,
     TaskChannelMask,
-    TaskRoutingSegNet,
 )
 from polytask.models.etr_nlp.layers import routing_masks
 from polytask.models.etr_nlp.nlp import mix_groups
@@ -57,7 +56,7 @@ def config_net(*configs: str) -> nn.Module:
 
 def test_default_task_branch_mixes_the_shared_primitive_responses_per_task() -> None:
     torch.manual_seed(0)
-    net = ETRNLPSegNet(dense_tasks(), **TINY_SEGNET).eval()
+    net = RoutedSegNet(dense_tasks(), routing="etr_nlp", **TINY_SEGNET).eval()
     convs = routed_convs(net)
     assert convs
     for conv in convs.values():
@@ -77,11 +76,11 @@ def test_default_task_branch_mixes_the_shared_primitive_responses_per_task() -> 
 
 def test_nlp_task_branch_has_fewer_learnable_parameters_than_the_conv_task_branch() -> None:
     def learnable(branch: str) -> int:
-        return sum(p.numel() for p in ETRNLPSegNet(dense_tasks(), task_branch=branch, **TINY_SEGNET).parameters())
+        return sum(p.numel() for p in RoutedSegNet(dense_tasks(), routing="etr_nlp", task_branch=branch, **TINY_SEGNET).parameters())
 
     assert learnable("nlp") < learnable("conv")
     with pytest.raises(ValueError, match="task_branch"):
-        ETRNLPSegNet(dense_tasks(), task_branch="mlp", **TINY_SEGNET)  # type: ignore[arg-type]
+        RoutedSegNet(dense_tasks(), routing="etr_nlp", task_branch="mlp", **TINY_SEGNET)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +100,7 @@ def test_nlp_only_baseline_mixes_in_the_groups_of_the_etr_nlp_shared_mix(base: s
 
 
 def test_task_routing_shares_one_batch_norm_and_masks_per_task() -> None:
-    net = TaskRoutingSegNet(dense_tasks(), active_ratio=0.6, **TINY_SEGNET)
+    net = RoutedSegNet(dense_tasks(), routing="task_routing", active_ratio=0.6, **TINY_SEGNET)
     assert not any(isinstance(m, TaskBatchNorm) for m in net.modules())
     norms = [m for m in net.modules() if isinstance(m, BlockBatchNorm)]
     masks = [m for m in net.modules() if isinstance(m, TaskChannelMask)]
@@ -140,7 +139,7 @@ def test_task_routing_overlays_use_maximum_roamings_ratio_per_dataset(configs: l
 
 def test_segnet_batch_norm_without_running_statistics_uses_batch_statistics_in_evaluation() -> None:
     torch.manual_seed(0)
-    net = ETRNLPSegNet(dense_tasks(), running_stats=False, **TINY_SEGNET).eval()
+    net = RoutedSegNet(dense_tasks(), routing="etr_nlp", running_stats=False, **TINY_SEGNET).eval()
     norms = [m for m in net.modules() if isinstance(m, TaskBatchNorm)]
     assert norms and all(n.running_mean is None for n in norms)
     images = torch.randn(4, 3, 32, 32)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from polytask.tasks import Task
 
-MODEL_REGISTRY: dict[str, type[MultiTaskNet]] = {}
+MODEL_REGISTRY: dict[str, Callable[..., MultiTaskNet]] = {}
+"""Registered networks by name: a network class, or a function ``(tasks, **options) -> network`` (a variant)."""
 
 
 class MultiTaskNet(nn.Module):
@@ -41,14 +43,18 @@ class MultiTaskNet(nn.Module):
         raise NotImplementedError
 
 
-def register_model(name: str) -> Callable[[type[MultiTaskNet]], type[MultiTaskNet]]:
-    """Class decorator adding a network to ``MODEL_REGISTRY`` under ``name``."""
+NetworkFactory = TypeVar("NetworkFactory", bound=Callable[..., MultiTaskNet])
 
-    def wrap(cls: type[MultiTaskNet]) -> type[MultiTaskNet]:
+
+def register_model(name: str) -> Callable[[NetworkFactory], NetworkFactory]:
+    """Decorator adding a network class, or a function building a network from the tasks and options
+    (a variant of a class, timm style), to ``MODEL_REGISTRY`` under ``name``."""
+
+    def wrap(factory: NetworkFactory) -> NetworkFactory:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        MODEL_REGISTRY[name] = cls
-        return cls
+        MODEL_REGISTRY[name] = factory
+        return factory
 
     return wrap
 

@@ -1,6 +1,6 @@
 """Task-routed layers: the ETR(-NLP) convolution, per-task and shared batch norms, per-task channel masks.
 
-Every layer reads the active tasks from a shared :class:`~polytask.models.etr_nlp.router.TaskRouter`
+Every layer reads the active tasks from a shared :class:`~polytask.models.etr_nlp.stacked_batch.TaskRouter`
 and takes inputs in the stacked-batch layout ``(n B, C, H, W)`` (task blocks along the batch).
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions, PointwiseMix, mix_groups, pointwise_blocks
 from polytask.models.etr_nlp.primitives import derive_seed
-from polytask.models.etr_nlp.router import TaskRouter, blocks_to_channels, channels_to_blocks
+from polytask.models.etr_nlp.stacked_batch import TaskRouter, blocks_to_channels, channels_to_blocks
 
 SharedBranch = Literal["nlp", "conv"]
 TaskBranch = Literal["nlp", "conv"]

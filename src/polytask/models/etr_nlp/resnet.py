@@ -1,10 +1,11 @@
-"""Routed timm ResNets: the CelebA ResNet-18 (linear head per attribute group) and a dense variant."""
+"""Routed timm ResNets: :class:`RoutedResNet` (the CelebA ResNet-18, linear head per attribute group) and its
+registered variants, and :class:`ETRNLPTimmResNet` (multi-scale ResNet + fusion decoder, ETR-NLP routed)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,9 +13,8 @@ from torch import nn
 from polytask.models.backbones import TimmBackbone, create_timm_model
 from polytask.models.base import register_model
 from polytask.models.etr_nlp.layers import TaskBranch
-from polytask.models.etr_nlp.net import RoutedNet
+from polytask.models.etr_nlp.net import RoutedNet, register_routing_variants
 from polytask.models.etr_nlp.nlp import NLPOptions
-from polytask.models.etr_nlp.routing import Routing, RoutingKind
 from polytask.models.heads import FusionDecoder, make_head
 from polytask.tasks import Task
 
@@ -61,10 +61,12 @@ class BackboneDecoder(nn.Module):
 
 
 class RoutedResNet(RoutedNet):
-    """A timm ResNet trunk (CelebA setting: from scratch, batch norm without running statistics), one head per task.
+    """A timm ResNet trunk (CelebA setting: from scratch, BN without running statistics) routed by ``routing``, a head per task.
 
     Image-level tasks get global average pooling + a linear layer (one per attribute group);
-    dense tasks get polytask's :class:`~polytask.models.heads.DenseHead`.
+    dense tasks get polytask's :class:`~polytask.models.heads.DenseHead`. Registered once per
+    routing kind as ``<routing>_resnet18`` (``etr_nlp_resnet18``, ``hard_sharing_resnet18``, ...).
+    ``(B, 3, H, W)`` -> ``{task: (B, C_t)}`` (image-level) or ``(B, C_t, H, W)`` (dense).
 
     Args:
         tasks: the tasks to predict.
@@ -72,14 +74,8 @@ class RoutedResNet(RoutedNet):
         running_stats: keep batch-norm running statistics (False: batch statistics in evaluation too).
         head_channels: hidden width of dense heads.
         backbone_options: other ``timm.create_model`` options (e.g. ``channels``, ``stem_width``).
-        gamma: sharing ratio (ETR kinds; default 0.9); NLP-only: the ETR-NLP ratio whose mix groups it copies.
-        nlp: NLP options (NLP kinds only).
-        active_ratio: channels kept per task (Task Routing only; default 0.5).
-        seed: seed of the primitives and masks.
-        task_branch: ETR-NLP's task-specific branch, ``nlp`` (default) or ``conv``.
+        routing_options: ``routing`` (the kind, default ``etr_nlp``) and its options, see :class:`RoutedNet`.
     """
-
-    ROUTING: ClassVar[RoutingKind]
 
     def __init__(
         self,
@@ -88,11 +84,7 @@ class RoutedResNet(RoutedNet):
         running_stats: bool = False,
         head_channels: int = 64,
         backbone_options: dict[str, Any] | None = None,
-        gamma: float | None = None,
-        nlp: NLPOptions | None = None,
-        active_ratio: float | None = None,
-        seed: int = 0,
-        task_branch: TaskBranch | None = None,
+        **routing_options: Any,
     ) -> None:
         model = create_timm_model(
             backbone, num_classes=0, global_pool="",
@@ -100,50 +92,10 @@ class RoutedResNet(RoutedNet):
         )
         width = model.num_features
         heads = {t.name: make_head(t.dense, width, t.out_channels, head_channels) for t in tasks}
-        routing = Routing(self.ROUTING, gamma, nlp, active_ratio, seed, task_branch)
-        super().__init__(tasks, routing, FeatureMap(model), heads, kaiming_init)
+        super().__init__(tasks, FeatureMap(model), heads, kaiming_init, **routing_options)
 
 
-@register_model("etr_nlp_resnet18")
-class ETRNLPResNet18(RoutedResNet):
-    """ResNet-18 of ETR-NLP modules (every convolution routed: NLP shared branch + task branches)."""
-
-    ROUTING = "etr_nlp"
-
-
-@register_model("etr_resnet18")
-class ETRResNet18(RoutedResNet):
-    """Ablation, ETR without NLP: learnable shared convolutions (gamma) + task-specific convolutions."""
-
-    ROUTING = "etr"
-
-
-@register_model("nlp_resnet18")
-class NLPResNet18(RoutedResNet):
-    """Ablation, NLP without routing: every convolution a fully shared NLP block, mix grouped as ETR-NLP's at ``gamma``."""
-
-    ROUTING = "nlp"
-
-
-@register_model("task_routing_resnet18")
-class TaskRoutingResNet18(RoutedResNet):
-    """Task Routing baseline: shared ResNet-18 and batch norms, fixed random per-task channel masks after each batch norm."""
-
-    ROUTING = "task_routing"
-
-
-@register_model("hard_sharing_resnet18")
-class HardSharingResNet18(RoutedResNet):
-    """Hard parameter sharing: one ResNet-18 shared by every task, one head per task."""
-
-    ROUTING = "hard"
-
-
-@register_model("single_task_resnet18")
-class SingleTaskResNet18(RoutedResNet):
-    """Single-task baseline: one independent ResNet-18 per task."""
-
-    ROUTING = "single"
+register_routing_variants(RoutedResNet, "resnet18")
 
 
 @register_model("etr_nlp_timm_resnet")
@@ -152,6 +104,7 @@ class ETRNLPTimmResNet(RoutedNet):
 
     Its plain counterparts are the registered ``hard_sharing`` and ``single_task`` networks
     with the same options. Trained from scratch (the routed convolutions are new weights).
+    ``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W)}`` (dense) or ``(B, C_t)``.
 
     Args:
         tasks: the tasks to predict.
@@ -182,4 +135,6 @@ class ETRNLPTimmResNet(RoutedNet):
         encoder = TimmBackbone(backbone, out_indices, **(backbone_options or {}))
         trunk = BackboneDecoder(encoder, FusionDecoder(encoder.out_channels, decoder_channels))
         heads = {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in tasks}
-        super().__init__(tasks, Routing("etr_nlp", gamma, nlp, None, seed, task_branch), trunk, heads, kaiming_init)
+        super().__init__(
+            tasks, trunk, heads, kaiming_init, routing="etr_nlp", gamma=gamma, nlp=nlp, seed=seed, task_branch=task_branch
+        )

@@ -1,19 +1,15 @@
-"""MTAN's SegNet encoder-decoder (NYUv2 / Cityscapes setting) and its routed variants."""
+"""MTAN's SegNet encoder-decoder (NYUv2 / Cityscapes setting), routed: :class:`RoutedSegNet` and its registered variants."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytask.models.base import register_model
-from polytask.models.etr_nlp.layers import TaskBranch
-from polytask.models.etr_nlp.net import RoutedNet
-from polytask.models.etr_nlp.nlp import NLPOptions
-from polytask.models.etr_nlp.routing import Routing, RoutingKind
+from polytask.models.etr_nlp.net import RoutedNet, register_routing_variants
 from polytask.models.heads import ImageHead
 from polytask.tasks import Task
 
@@ -130,77 +126,27 @@ class SegNetHead(nn.Module):
 
 
 class RoutedSegNet(RoutedNet):
-    """SegNet with one head per task (dense: :class:`SegNetHead`; image-level: pooling + linear), routed by ``ROUTING``.
+    """MTAN's SegNet (:class:`SegNetTrunk`) routed by ``routing``, one head per task.
+
+    Dense tasks get :class:`SegNetHead`, image-level tasks global average pooling + a linear
+    layer. Registered once per routing kind as ``<routing>_segnet`` (``etr_nlp_segnet``,
+    ``hard_sharing_segnet``, ...). ``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W)}`` (dense) or ``(B, C_t)``.
 
     Args:
         tasks: the tasks to predict.
         filters: the five stage widths (MTAN: 64-128-256-512-512).
-        gamma: sharing ratio (ETR kinds; default 0.9); NLP-only: the ETR-NLP ratio whose mix groups it copies.
-        nlp: NLP options (NLP kinds only).
-        active_ratio: channels kept per task (Task Routing only; default 0.5).
-        seed: seed of the primitives and masks.
         running_stats: batch norms keep running statistics (MTAN); False: batch statistics in
             evaluation too (Maximum Roaming's SegNet).
-        task_branch: ETR-NLP's task-specific branch, ``nlp`` (default) or ``conv``.
+        routing_options: ``routing`` (the kind, default ``etr_nlp``) and its options, see :class:`RoutedNet`.
     """
 
-    ROUTING: ClassVar[RoutingKind]
-
     def __init__(
-        self,
-        tasks: Sequence[Task],
-        filters: Sequence[int] = SEGNET_FILTERS,
-        gamma: float | None = None,
-        nlp: NLPOptions | None = None,
-        active_ratio: float | None = None,
-        seed: int = 0,
-        running_stats: bool = True,
-        task_branch: TaskBranch | None = None,
+        self, tasks: Sequence[Task], filters: Sequence[int] = SEGNET_FILTERS, running_stats: bool = True, **routing_options: Any
     ) -> None:
         trunk = SegNetTrunk(filters, running_stats)
         width = trunk.out_channels
         heads = {t.name: SegNetHead(width, t.out_channels) if t.dense else ImageHead(width, t.out_channels) for t in tasks}
-        routing = Routing(self.ROUTING, gamma, nlp, active_ratio, seed, task_branch)
-        super().__init__(tasks, routing, trunk, heads, xavier_init)
+        super().__init__(tasks, trunk, heads, xavier_init, **routing_options)
 
 
-@register_model("etr_nlp_segnet")
-class ETRNLPSegNet(RoutedSegNet):
-    """SegNet of ETR-NLP modules: NLP shared branch (gamma) + task-specific branches (``task_branch``)."""
-
-    ROUTING = "etr_nlp"
-
-
-@register_model("etr_segnet")
-class ETRSegNet(RoutedSegNet):
-    """Ablation, ETR without NLP: a learnable shared convolution (gamma) + task-specific convolutions."""
-
-    ROUTING = "etr"
-
-
-@register_model("nlp_segnet")
-class NLPSegNet(RoutedSegNet):
-    """Ablation, NLP without routing: every convolution a fully shared NLP block, mix grouped as ETR-NLP's at ``gamma``."""
-
-    ROUTING = "nlp"
-
-
-@register_model("task_routing_segnet")
-class TaskRoutingSegNet(RoutedSegNet):
-    """Task Routing baseline: shared convolutions and batch norms, fixed random per-task channel masks after each batch norm."""
-
-    ROUTING = "task_routing"
-
-
-@register_model("hard_sharing_segnet")
-class HardSharingSegNet(RoutedSegNet):
-    """Hard parameter sharing: the MTAN SegNet shared by every task, one head per task (MTAN's "split")."""
-
-    ROUTING = "hard"
-
-
-@register_model("single_task_segnet")
-class SingleTaskSegNet(RoutedSegNet):
-    """Single-task baseline: one independent SegNet per task (every layer task-specific)."""
-
-    ROUTING = "single"
+register_routing_variants(RoutedSegNet, "segnet")

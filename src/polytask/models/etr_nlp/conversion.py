@@ -1,19 +1,21 @@
-"""Routing kinds, and the conversion of a plain network's layers into task-routed ones."""
+"""The routing kinds (what each makes of a convolution and a batch norm), and the conversion of a plain
+network's layers into task-routed ones."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import nn
 
 from polytask.models.etr_nlp.layers import BlockBatchNorm, RoutedConv, TaskBatchNorm, TaskBranch, TaskChannelMask
 from polytask.models.etr_nlp.nlp import NLPOptions
 from polytask.models.etr_nlp.primitives import derive_seed
-from polytask.models.etr_nlp.router import TaskRouter
+from polytask.models.etr_nlp.stacked_batch import TaskRouter
 
-RoutingKind = Literal["etr_nlp", "etr", "nlp", "task_routing", "hard", "single"]
+RoutingKind = Literal["etr_nlp", "etr", "nlp", "task_routing", "hard_sharing", "single_task"]
+"""The routing kinds; a routed network of kind ``k`` is registered as ``<k>_<architecture>`` (``hard_sharing_segnet``)."""
 
 DEFAULT_GAMMA = 0.9
 DEFAULT_ACTIVE_RATIO = 0.5
@@ -21,7 +23,7 @@ DEFAULT_TASK_BRANCH: TaskBranch = "nlp"
 
 _USES_GAMMA = frozenset({"etr_nlp", "etr", "nlp"})
 _USES_NLP = frozenset({"etr_nlp", "nlp"})
-_TASK_CONDITIONED = frozenset({"etr_nlp", "etr", "task_routing", "single"})
+_TASK_CONDITIONED = frozenset({"etr_nlp", "etr", "task_routing", "single_task"})
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class Routing:
     ``task_routing``  unchanged (learnable, shared)                  one shared batch norm (statistics per
                                                                      task block), then a fixed random
                                                                      per-task channel mask
-    ``hard``          unchanged                                      unchanged
-    ``single``        task convs only (gamma = 0)                    per-task batch norm: one independent
+    ``hard_sharing``  unchanged                                      unchanged
+    ``single_task``   task convs only (gamma = 0)                    per-task batch norm: one independent
                                                                      network per task
     ================  ===================================================================================
 
@@ -66,8 +68,8 @@ class Routing:
     task_branch: TaskBranch | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in _TASK_CONDITIONED | {"nlp", "hard"}:
-            raise ValueError(f"unknown routing kind {self.kind!r}")
+        if self.kind not in get_args(RoutingKind):
+            raise ValueError(f"unknown routing kind {self.kind!r}; kinds: {list(get_args(RoutingKind))}")
         for name, users, default in (
             ("gamma", _USES_GAMMA, DEFAULT_GAMMA),
             ("nlp", _USES_NLP, NLPOptions()),
@@ -87,7 +89,7 @@ class Routing:
 
     def conv_gamma(self) -> float | None:
         """Sharing ratio of the routed convolutions, or None when convolutions stay unchanged."""
-        return {"etr_nlp": self.gamma, "etr": self.gamma, "nlp": 1.0, "single": 0.0}.get(self.kind)
+        return {"etr_nlp": self.gamma, "etr": self.gamma, "nlp": 1.0, "single_task": 0.0}.get(self.kind)
 
     def mix_gamma(self) -> float | None:
         """The sharing ratio whose shared-mix groups the NLP blocks take (``nlp``: ``gamma``; others: their own ratio)."""

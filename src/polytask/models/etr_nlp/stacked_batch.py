@@ -1,4 +1,4 @@
-"""The task router: which task paths a forward pass computes, and the stacked-batch layout.
+"""The stacked task batch: its layout, and the :class:`TaskRouter` that says which task paths it holds.
 
 A routed network runs the paths of ``n`` tasks in one call by stacking them along the batch
 axis: a tensor ``(n B, C, H, W)`` holds the ``B`` images of task ``tasks[0]`` first, then those
