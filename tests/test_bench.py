@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fixtures_data import write_celeba, write_folder
 
+from fixtures_data import write_celeba, write_folder
 from polytask.cli.bench import main as bench_main
+from polytask.data import SynthScenesDataModule
+from polytask.models import HardSharing, SingleTask
 from polytask.profiling.bare import BareNet, make_bare_net
 from polytask.profiling.experiment import benchmark_configs, config_chain
 from polytask.profiling.inputs import fit_batch, synthetic_batch
 from polytask.profiling.memory import peak_memory_mb
 from polytask.profiling.run import interleave_sides, versus_comparison
 from polytask.profiling.timing import Result, Variant, ratios, time_interleaved
-from polytask.data import SynthScenesDataModule
-from polytask.models import HardSharing
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = benchmark_configs(REPO / "configs")
@@ -141,8 +141,9 @@ def test_bare_net_is_the_backbone_with_conv1x1_heads() -> None:
 
 def test_bare_net_is_skipped_with_a_reason_without_a_backbone() -> None:
     tasks = SynthScenesDataModule(tasks=["depth"]).tasks
-    bare, reason = make_bare_net(torch.nn.Conv2d(3, 1, 1), tasks, (8, 8))
-    assert bare is None and "no `backbone`" in str(reason)
+    separate = SingleTask(tasks, backbone="resnet18", pretrained=False, decoder_channels=8, head_channels=4)
+    bare, reason = make_bare_net(separate, tasks, (8, 8))
+    assert bare is None and "SingleTask has no shared backbone" in str(reason)
 
 
 def test_fit_batch_resizes_images_bilinearly_and_labels_by_nearest_neighbour() -> None:
@@ -229,7 +230,7 @@ def test_versus_times_two_configs_in_one_interleaved_run(workdir: Path, monkeypa
 
     report = json.loads(out.read_text())
     versus = report["versus"]
-    assert report["model"] == "HardSharing" and versus["model"] == "RoutedSegNet"
+    assert report["model"] == "HardSharing" and versus["model"] == "RoutedSegNet[etr_nlp]"
     assert versus["configs"] == [str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
     assert versus["image_size"] == report["image_size"] == [32, 32] and versus["batch_size"] == report["batch_size"] == 2
     base = {r["key"]: r for r in report["devices"][0]["results"]}

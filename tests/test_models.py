@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from polytask.models import HardSharing, PretrainedWeightsError, SingleTask, TimmBackbone, create_model
+from polytask.models import (
+    HardSharing,
+    PretrainedWeightsError,
+    SingleTask,
+    TimmBackbone,
+    create_model,
+)
+from polytask.models.etr_nlp import RoutedSegNet
 from polytask.tasks import build_task
 
 
@@ -79,3 +86,20 @@ def test_pretrained_offline_error_says_how_to_run_offline(monkeypatch: pytest.Mo
     assert "resnet18" in str(info.value)
     with pytest.raises(PretrainedWeightsError, match="missing.safetensors"):
         TimmBackbone("resnet18", pretrained_file=str(tmp_path / "missing.safetensors"))
+
+
+def test_declared_network_interface_defaults_and_overrides() -> None:
+    """What training and benchmarking ask a network for: defaults of the base class, and the
+    overrides of the networks that have the capability."""
+    tasks = [build_task("semseg", num_classes=3), build_task("depth")]
+    torch.manual_seed(0)
+    hard = HardSharing(tasks, backbone="resnet18", pretrained=False, decoder_channels=8, head_channels=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert hard.per_task_mode is False and hard.image_size is None and hard.aux_loss() is None
+    assert hard.shared_backbone() is hard.backbone
+    assert hard.display_name == "HardSharing"
+    torch.testing.assert_close(hard.forward_task(images, "depth"), hard(images)["depth"], rtol=0, atol=0)
+
+    routed = RoutedSegNet(tasks, routing="etr_nlp", filters=[8, 8, 16, 16, 16]).eval()
+    assert routed.per_task_mode is True and routed.shared_backbone() is routed.trunk
+    assert routed.display_name == "RoutedSegNet[etr_nlp]"

@@ -53,9 +53,9 @@ def main(args: Sequence[str]) -> int:
     if size is None:
         parser.error("the config does not say its training resolution; give --image-size H W")
     summary = summarize_model(net, size)
-    name = f"{type(net).__name__} ({', '.join(options.config) or 'polytask defaults'})"
+    name = f"{net.display_name} ({', '.join(options.config) or 'polytask defaults'})"
     print(format_summary(summary, name))
     if options.json:
-        payload = {"configs": list(options.config), "net": type(net).__name__, **summary.as_dict()}
+        payload = {"configs": list(options.config), "net": net.display_name, **summary.as_dict()}
         write_json_atomic(Path(options.json), payload)
     return 0

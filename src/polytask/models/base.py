@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -20,15 +20,36 @@ class MultiTaskNet(nn.Module):
     Dense outputs are ``(B, task.out_channels, H, W)`` at the input size; image-level ones
     ``(B, task.out_channels)``.
 
+    Besides ``forward``, the interface the rest of polytask relies on (training, benchmarking,
+    summaries), with defaults a network overrides when it has the capability:
+
+    * :attr:`image_size`: the input size the network is built for (e.g. a ViT's position grid);
+    * :attr:`per_task_mode` and :meth:`forward_task`: one task's path alone (ETR-NLP's routed nets);
+    * :meth:`aux_loss`: an extra loss of the last forward pass (TaskExpert's load balancing);
+    * :meth:`shared_backbone`: the feature extractor shared by the tasks, which the benchmark's
+      bare-network reference runs alone;
+    * :meth:`param_groups`: trainable parameters by component, for summaries.
+
     Args:
         tasks: the tasks to predict (from the datamodule).
     """
+
+    image_size: tuple[int, int] | None = None
+    """``(H, W)`` the network is built for, or None when it takes any size."""
+
+    per_task_mode: ClassVar[bool] = False
+    """Whether :meth:`forward_task` computes one task's path alone (cheaper than ``forward``)."""
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         super().__init__()
         if not tasks:
             raise ValueError(f"{type(self).__name__} needs at least one task")
         self.tasks = list(tasks)
+
+    @property
+    def display_name(self) -> str:
+        """The network's name in reports: its class name, plus its variant where one class has several."""
+        return type(self).__name__
 
     @property
     def task_names(self) -> list[str]:
@@ -41,6 +62,21 @@ class MultiTaskNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_task(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        """Raw output of task ``name`` for ``images`` ``(B, 3, H, W)``: the full forward's entry,
+        unless the network has a per-task mode (:attr:`per_task_mode`)."""
+        return self(images)[name]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """An extra loss of the last forward pass, already weighted, added to the training total
+        (a scalar tensor), or None (the default: no extra loss)."""
+        return None
+
+    def shared_backbone(self) -> nn.Module | None:
+        """The feature extractor shared by every task (``(B, 3, H, W)`` -> feature maps or tokens),
+        or None when the network has none that runs alone."""
+        return None
 
 
 NetworkFactory = TypeVar("NetworkFactory", bound=Callable[..., MultiTaskNet])

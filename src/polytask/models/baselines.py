@@ -46,6 +46,10 @@ class HardSharing(MultiTaskNet):
             {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in self.tasks}
         )
 
+    def shared_backbone(self) -> nn.Module:
+        """The timm backbone (``(B, 3, H, W)`` -> its feature maps)."""
+        return self.backbone
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
             "backbone": list(self.backbone.parameters()),

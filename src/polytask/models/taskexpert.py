@@ -508,6 +508,10 @@ class TaskExpert(MultiTaskNet):
         experts = [f"e{n}" for n in range(self.num_experts)]
         return [experts + (["memory"] if layer.reads_memory else []) for layer in self.mmoe]
 
+    def shared_backbone(self) -> nn.Module:
+        """The ViT (``(B, 3, H, W)`` -> tokens), which the MMoE layers only read."""
+        return self.backbone
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
             "backbone": list(self.backbone.parameters()),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polytask.models.base import MultiTaskNet
 from polytask.tasks import Task
 
 
@@ -59,19 +60,19 @@ class BareNet(nn.Module):
         }
 
 
-def make_bare_net(net: nn.Module, tasks: Sequence[Task], image_size: Sequence[int]) -> tuple[BareNet | None, str | None]:
-    """The :class:`BareNet` of ``net``'s ``backbone`` (or ``trunk``), or ``None`` and the reason it cannot be built."""
-    name = next((n for n in ("backbone", "trunk") if isinstance(getattr(net, n, None), nn.Module)), None)
-    if name is None:
-        return None, f"{type(net).__name__} has no `backbone` or `trunk` module"
-    backbone = getattr(net, name)
+def make_bare_net(net: MultiTaskNet, tasks: Sequence[Task], image_size: Sequence[int]) -> tuple[BareNet | None, str | None]:
+    """The :class:`BareNet` of ``net``'s shared backbone (:meth:`MultiTaskNet.shared_backbone`), or
+    ``None`` and the reason it cannot be built."""
+    backbone = net.shared_backbone()
+    if backbone is None:
+        return None, f"{type(net).__name__} has no shared backbone that runs alone"
     device = next(net.parameters()).device
     was_training = backbone.training
     try:
         with torch.no_grad():
             probe = last_feature_map(backbone.eval(), torch.zeros(1, 3, *image_size, device=device))
     except Exception as err:  # noqa: BLE001 - any failure means the backbone does not run on its own
-        return None, f"{type(net).__name__}.{name} does not run outside the net: {type(err).__name__}: {err}"
+        return None, f"the shared backbone of {type(net).__name__} does not run outside the net: {type(err).__name__}: {err}"
     finally:
         backbone.train(was_training)
     return BareNet(backbone, int(probe.shape[1]), tasks).to(device), None

@@ -12,7 +12,6 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace
-from torch import nn
 from torch.utils.data import Dataset
 
 from polytask.data.datamodule import (
@@ -20,6 +19,7 @@ from polytask.data.datamodule import (
     build_datamodule,
     datamodule_class,
 )
+from polytask.models.base import MultiTaskNet
 from polytask.profiling.timing import error_line
 from polytask.tasks import Task
 from polytask.training.module import MultiTaskModule
@@ -115,13 +115,13 @@ def _as_size(value: object) -> tuple[int, int] | None:
     return None
 
 
-def _configured_size(datamodule: MultiTaskDataModule, data_args: Any, net: nn.Module) -> tuple[int, int] | None:
+def _configured_size(datamodule: MultiTaskDataModule, data_args: Any, net: MultiTaskNet) -> tuple[int, int] | None:
     """The config's resolution: the datamodule's resolution option (as resolved, else as given), else the net's."""
     for key in RESOLUTION_KEYS:
         size = _as_size(getattr(datamodule, key, None)) or _as_size(data_args.get(key))
         if size is not None:
             return size
-    return _as_size(getattr(net, "image_size", None))
+    return _as_size(net.image_size)
 
 
 def reduced_size(size: Sequence[int], max_pixels: int, multiple: int = 32) -> tuple[int, int]:

@@ -59,10 +59,10 @@ def _device_side(
             skipped["bare"] = str(reason)
         else:
             nets["bare"] = bare
-    if callable(getattr(net, "forward_task", None)):
+    if net.per_task_mode:
         nets["per_task"] = net
     else:
-        skipped["per_task"] = f"{type(net).__name__} has no per-task mode (`forward_task`)"
+        skipped["per_task"] = f"{type(net).__name__} has no per-task mode"
     variants = build_variants(nets, module, batch, precisions, compile_nets, device)
     return DeviceSide(experiment, device, nets, variants, int(batch["image"].shape[0]), skipped)
 

@@ -184,9 +184,8 @@ class MultiTaskModule(pl.LightningModule):
         task_losses = self.compute_losses(outputs, batch)
         batch_size = batch["image"].shape[0]
         total = self.training_total(task_losses, batch_size)
-        aux_loss = getattr(self.net, "aux_loss", None)
-        if aux_loss is not None:  # e.g. TaskExpert's optional load-balancing loss (already weighted)
-            aux = aux_loss()
+        aux = self.net.aux_loss()
+        if aux is not None:  # e.g. TaskExpert's load-balancing loss (already weighted)
             total = total + aux
             self.log("train/loss/aux", aux.detach(), batch_size=batch_size)
         self.guard.observe_losses(task_losses, total)

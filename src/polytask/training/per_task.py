@@ -114,10 +114,7 @@ class PerTaskModule(MultiTaskModule):
 
     def task_output(self, images: torch.Tensor, name: str) -> torch.Tensor:
         """Raw output of task ``name`` from the per-task path of the network: ``(B, 3, H, W)`` -> its output."""
-        forward_task = getattr(self.net, "forward_task", None)
-        if forward_task is not None:
-            return forward_task(images, name)
-        return self.net(images)[name]
+        return self.net.forward_task(images, name)
 
     def _ddp(self) -> DistributedDataParallel | None:
         """The DDP wrapper of this module in a multi-process run, None in a single process.

@@ -4,7 +4,7 @@ registration of an architecture's routing variants."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 from torch import nn
@@ -51,6 +51,8 @@ class RoutedNet(MultiTaskNet):
     The network's ``routing`` attribute is the :class:`Routing` (the kind and its options, defaults filled in).
     """
 
+    per_task_mode: ClassVar[bool] = True
+
     def __init__(
         self,
         tasks: Sequence[Task],
@@ -95,6 +97,15 @@ class RoutedNet(MultiTaskNet):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """All tasks in the batched mode: ``(B, 3, H, W)`` -> ``{task: output}``."""
         return self.forward_tasks(images, self.task_names)
+
+    @property
+    def display_name(self) -> str:
+        """The class name and the routing kind, e.g. ``RoutedSegNet[etr_nlp]``."""
+        return f"{type(self).__name__}[{self.routing.kind}]"
+
+    def shared_backbone(self) -> nn.Module:
+        """The routed trunk (``(B, 3, H, W)`` -> ``(B, C, h, w)``); alone, it runs its first task's path."""
+        return self.trunk
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: ``shared`` trunk, ``task_specific`` trunk (task convs, task norms), ``heads``."""
