@@ -62,7 +62,7 @@ def seism_target(label_map: np.ndarray, padded_to: tuple[int, int] | None = None
     """``(1, 1, H, W)`` float target of SEISM's ground truth ``seg2bmap(labels)``, padded with 255 like the test batches."""
     bmap = torch.from_numpy(segmentation_boundaries(label_map)).float()[None]
     if padded_to is not None:
-        bmap = Pad(padded_to)({"image": torch.zeros(3, *bmap.shape[-2:]), "edge": bmap})["edge"]
+        bmap = Pad(padded_to, kinds={"edge": "label"})({"image": torch.zeros(3, *bmap.shape[-2:]), "edge": bmap})["edge"]
     return bmap[None]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polytask.data.transforms import Pad
+from polytask.data.transforms import Pad, transform_kinds
 from polytask.evaluation.prediction_io import (
     DEPTH_PNG_SCALE,
     PredictionFileError,
@@ -20,7 +20,7 @@ from polytask.evaluation.prediction_io import (
     write_prediction,
 )
 from polytask.tasks import build_task
-from polytask.training.prediction_writer import centre_crop, resize_back
+from polytask.training.prediction_writer import centre_crop
 
 SHAPE = (9, 13)
 SEMSEG = build_task("semseg", num_classes=21)
@@ -177,7 +177,7 @@ def test_depth_readers_check_format_and_values(tmp_path: Path) -> None:
 def test_centre_crop_undoes_the_evaluation_padding() -> None:
     g = torch.Generator().manual_seed(1)
     sample = {"image": torch.rand(3, 7, 10, generator=g), "semseg": torch.randint(0, 5, (7, 10), generator=g)}
-    padded = Pad((12, 13))(sample)
+    padded = Pad((12, 13), kinds=transform_kinds([SEMSEG]))(sample)
     assert padded["semseg"].shape == (12, 13)
     assert centre_crop(padded["semseg"], (7, 10)).equal(sample["semseg"])
     assert centre_crop(padded["image"], (7, 10)).equal(sample["image"])
@@ -185,12 +185,12 @@ def test_centre_crop_undoes_the_evaluation_padding() -> None:
         centre_crop(sample["semseg"], (8, 10))
 
 
-def test_resize_back_keeps_labels_and_unit_normals() -> None:
+def test_resizing_back_keeps_labels_and_unit_normals() -> None:
     labels = torch.tensor([[0, 1], [2, 3]])
-    assert resize_back(SEMSEG, labels, (4, 4)).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert SEMSEG.resize_prediction(labels, (4, 4)).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
     normals = torch.nn.functional.normalize(torch.randn(3, 4, 5), dim=0)
-    out = resize_back(NORMALS, normals, (7, 3))
+    out = NORMALS.resize_prediction(normals, (7, 3))
     assert out.shape == (3, 7, 3)
     torch.testing.assert_close(out.norm(dim=0), torch.ones(7, 3))
-    assert resize_back(SAL, torch.rand(4, 5), (2, 2)).shape == (2, 2)
-    assert resize_back(DEPTH, torch.rand(1, 4, 5), (2, 3)).shape == (1, 2, 3)
+    assert SAL.resize_prediction(torch.rand(4, 5), (2, 2)).shape == (2, 2)
+    assert DEPTH.resize_prediction(torch.rand(1, 4, 5), (2, 3)).shape == (1, 2, 3)

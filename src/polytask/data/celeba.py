@@ -27,7 +27,7 @@ import torch
 from polytask.data.check import FileDataModule
 from polytask.data.io import DataFile, DataFileError, FileDataset, image_tensor, read_resized_rgb, require_file
 from polytask.data.transforms import eval_transform
-from polytask.tasks import AttributeTask, Task, build_task
+from polytask.tasks import Task, build_task
 
 ATTRIBUTE_GROUPS: dict[str, tuple[int, ...]] = {
     "global": (2, 10, 13, 14, 18, 20, 25, 26, 39),
@@ -240,11 +240,11 @@ class CelebADataModule(FileDataModule):
         if self._table is None or self._partition is None:
             self._table = read_attribute_table(self.layout.attributes)
             self._partition = read_partition(self.layout.partition)
-        groups = [t for t in tasks if isinstance(t, AttributeTask)]
+        groups = [t for t in tasks if t.name in ATTRIBUTE_GROUPS]
         return CelebA(self.layout, split, groups, self._table, self._partition, self.image_size)
 
     def listing_files(self, split: str) -> list[Path]:
         return [self.layout.attributes, self.layout.partition]
 
     def make_transform(self, split: str) -> Callable[[dict], dict]:
-        return eval_transform(None)
+        return eval_transform(None, self.tasks)

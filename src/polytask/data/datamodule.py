@@ -392,7 +392,7 @@ class SynthScenesDataModule(MultiTaskDataModule):
 
     def make_dataset(self, split: str) -> Dataset:
         from polytask.data.synthscenes import SynthScenes
-        from polytask.data.transforms import RandomHorizontalFlip
+        from polytask.data.transforms import RandomHorizontalFlip, transform_kinds
 
         train = split == "train"
         return SynthScenes(
@@ -402,7 +402,7 @@ class SynthScenesDataModule(MultiTaskDataModule):
             seed=self.seed,
             tasks=self.task_names,
             cache_dir=self.cache_dir,
-            transform=RandomHorizontalFlip() if (train and self.flip) else None,
+            transform=RandomHorizontalFlip(kinds=transform_kinds(self.tasks)) if (train and self.flip) else None,
         )
 
 

@@ -54,14 +54,21 @@ from polytask.data.io import (
     read_rgb,
     require_file,
 )
-from polytask.data.transforms import check_size, eval_transform, train_transform, transform_kinds
-from polytask.tasks import Task, build_task
+from polytask.data.transforms import check_size, eval_transform, train_transform
+from polytask.tasks import TASK_REGISTRY, Task, build_task
 
 SPEC_FILE = "polytask.yaml"
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 TARGET_SUFFIXES: tuple[str, ...] = (".png", ".npy")
-SEGMENTATION_KINDS: tuple[str, ...] = ("semseg", "human_parts")
-TASK_KINDS: tuple[str, ...] = (*SEGMENTATION_KINDS, "sal", "edge", "depth", "normals")
+TASK_KINDS: tuple[str, ...] = tuple(
+    name for name, kind in TASK_REGISTRY.items() if kind.task_class.dense and name != "binary_seg"
+)
+"""The kinds ``polytask.yaml`` may name: the registered per-pixel kinds, but for one-vs-rest binary
+segmentation (the MTAN datasets derive it from a segmentation; it is not stored as files)."""
+SEGMENTATION_KINDS: tuple[str, ...] = tuple(
+    name for name in TASK_KINDS if {"num_classes", "class_names"} <= TASK_REGISTRY[name].options()
+)
+"""The kinds whose tasks are built with ``classes``."""
 DEFAULT_SPLITS: dict[str, str] = {"train": "splits/train.txt", "val": "splits/val.txt"}
 
 
@@ -276,14 +283,8 @@ class FolderDataModule(FileDataModule):
     def listing_files(self, split: str) -> list[Path]:
         return [self.root / SPEC_FILE, self.spec.splits[split]]
 
-    def _keys_of(self, kinds: Sequence[str]) -> list[str]:
-        return [name for name in self.task_names if self.spec.tasks[name].kind in kinds]
-
     def make_transform(self, split: str) -> Callable[[dict], dict]:
-        kinds = transform_kinds(self.tasks)
-        parts = self._keys_of(("human_parts",))
         if split == "train" and self.augment:
-            ratio_key = next(iter(self._keys_of(("semseg",))), "semseg")
-            return train_transform(self.train_size, kinds=kinds, ratio_key=ratio_key, parts_keys=parts)
+            return train_transform(self.train_size, self.tasks)
         size = self.train_size if split == "train" else self.eval_size
-        return eval_transform(size, kinds=kinds, parts_keys=parts)
+        return eval_transform(size, self.tasks)

@@ -20,16 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from polytask.tasks import (
-    IGNORE_INDEX,
-    AttributeTask,
-    DepthTask,
-    EdgeTask,
-    NormalsTask,
-    SaliencyTask,
-    SegmentationTask,
-    Task,
-)
+from polytask.tasks import Task
 
 ProblemKind = Literal["layout", "missing", "unreadable", "truncated", "format", "shape_mismatch", "out_of_range", "nan"]
 
@@ -213,27 +204,6 @@ def probe(path: Path, mat_key: str | None = None) -> tuple[int, ...] | None:
     return (height, width) if bands == 1 else (height, width, bands)
 
 
-def target_problems(task: Task, value: torch.Tensor) -> list[tuple[ProblemKind, str]]:
-    """Values of a decoded target that break the sample contract, as ``(kind, detail)`` pairs."""
-    problems: list[tuple[ProblemKind, str]] = []
-    if isinstance(task, SegmentationTask | SaliencyTask):
-        num_classes = task.num_classes if isinstance(task, SegmentationTask) else 2
-        bad = (value != IGNORE_INDEX) & ((value < 0) | (value >= num_classes))
-        if bool(bad.any()):
-            found = sorted({int(v) for v in value[bad].unique()[:10]})
-            problems.append(("out_of_range", f"class id(s) {found} outside 0..{num_classes - 1} (and 255 = ignore)"))
-    elif isinstance(task, DepthTask | NormalsTask | EdgeTask):
-        if bool(torch.isnan(value).any()):
-            problems.append(("nan", f"{int(torch.isnan(value).sum())} NaN value(s)"))
-        if isinstance(task, DepthTask) and bool((value < 0).any()):
-            problems.append(("out_of_range", "negative depth"))
-        if isinstance(task, EdgeTask) and bool(((value != IGNORE_INDEX) & ((value < 0) | (value > 1))).any()):
-            problems.append(("out_of_range", "boundary values outside [0, 1]"))
-    elif isinstance(task, AttributeTask) and bool(((value != 0) & (value != 1)).any()):
-        problems.append(("out_of_range", "attribute values other than 0 / 1"))
-    return problems
-
-
 @dataclass(frozen=True)
 class DataFile:
     """One file a sample reads.
@@ -297,11 +267,18 @@ class FileDataset(Dataset, ABC):
     def validated_target(self, index: int, task: str) -> torch.Tensor:
         """:meth:`load_target`, raising :class:`DataFileError` when the values break the contract."""
         value = self.load_target(index, task)
-        problems = target_problems(self.tasks[task], value)
+        problems = self.tasks[task].target_problems(value)
         if problems:
             kind, detail = problems[0]
             raise DataFileError(self.target_file(index, task), kind, detail)
         return value
+
+    def seism_label_map(self, index: int, boundary_target: torch.Tensor) -> np.ndarray:
+        """The label map ``(H, W)`` whose segment boundaries SEISM scores the boundaries of sample
+        ``index`` against. Default: the boundary target ``(1, H, W)`` itself read as a label map
+        (NYUD: the InvPT authors' SEISM wrapper reads ``edge/<id>.png``); datasets whose SEISM
+        ground truth is another annotation override this."""
+        return boundary_target[0].numpy()
 
     def drop(self, ids: set[str]) -> None:
         """Remove the samples of ``ids`` from the split."""

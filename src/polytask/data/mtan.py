@@ -183,7 +183,7 @@ class _MTANDataModule(FileDataModule):
         return MTANDataset(self.root / split, label_dir, self.class_names, tasks)
 
     def make_transform(self, split: str) -> Callable[[dict], dict]:
-        return eval_transform(None)
+        return eval_transform(None, self.tasks)
 
 
 class NYUv2MTANDataModule(_MTANDataModule):

@@ -227,5 +227,5 @@ class NYUDDataModule(FileDataModule):
 
     def make_transform(self, split: str) -> Callable[[dict], dict]:
         if split == "train":
-            return train_transform(self.train_size)
-        return eval_transform(self.eval_size)
+            return train_transform(self.train_size, self.tasks)
+        return eval_transform(self.eval_size, self.tasks)

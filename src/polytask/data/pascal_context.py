@@ -182,6 +182,11 @@ class PascalContext(FileDataset):
     def load_image(self, index: int) -> torch.Tensor:
         return image_tensor(read_rgb(self.root / "JPEGImages" / f"{self.ids[index]}.jpg"))
 
+    def seism_label_map(self, index: int, boundary_target: torch.Tensor) -> np.ndarray:
+        """SEISM's PASCAL-Context ground truth (``db_gt``): the context ``LabelMap``, not the
+        Laplacian training target."""
+        return mat_array(self._context_path(self.ids[index]), "LabelMap")
+
     def _label_map(self, index: int, shape: tuple[int, int]) -> np.ndarray:
         path = self._context_path(self.ids[index])
         label_map = mat_array(path, "LabelMap")
@@ -274,5 +279,5 @@ class PascalContextDataModule(FileDataModule):
 
     def make_transform(self, split: str) -> Callable[[dict], dict]:
         if split == "train":
-            return train_transform(self.train_size)
-        return eval_transform(self.eval_size)
+            return train_transform(self.train_size, self.tasks)
+        return eval_transform(self.eval_size, self.tasks)

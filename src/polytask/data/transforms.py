@@ -3,17 +3,18 @@
 A sample is the dict of the sample contract (docs/architecture.md); every transform takes and
 returns such a dict. Keys are mapped to a *kind* that decides how a value is resized, padded and
 flipped: ``image`` (bilinear), ``label`` (nearest, padded with 255: segmentation, saliency,
-boundaries), ``normals`` (nearest, x negated by a flip) and ``depth`` (nearest, divided by the
-scale factor). The default kinds cover the standard task names; datasets with other task names
-pass ``kinds`` (see :func:`transform_kinds`). Keys without a kind (``meta``, image-level
-attributes) are left alone.
+boundaries), ``direction`` (nearest, x negated by a flip: normals) and ``distance`` (nearest,
+divided by the scale factor: depth). Each task states the kind of its target
+(:attr:`polytask.tasks.Task.transform_kind`; see :func:`transform_kinds`); the image is always of
+kind ``image``. Keys without a kind (``meta``, image-level targets) are left alone.
 
 The training pipeline of ATRC / InvPT (:func:`train_transform`) runs on an unnormalised image in
-[0, 255]: random scale in U[0.5, 2.0] -> random crop (retried so that no semseg class covers 75 %
-of it) -> horizontal flip -> photometric distortion -> ImageNet normalisation -> padding to the
-train size. Evaluation (:func:`eval_transform`) normalises and pads only. Random draws come from
-the given ``torch.Generator`` (or torch's global generator), so a pipeline is deterministic given
-a seed.
+[0, 255]: random scale in U[0.5, 2.0] -> random crop (retried so that no class of the
+crop-balancing target, the semantic segmentation, covers 75 % of it) -> horizontal flip ->
+photometric distortion -> ImageNet normalisation -> padding to the train size -> part targets
+without any part made all-ignore. Evaluation (:func:`eval_transform`) normalises and pads only.
+Random draws come from the given ``torch.Generator`` (or torch's global generator), so a pipeline
+is deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -25,43 +26,33 @@ import torch
 import torch.nn.functional as F
 
 from polytask.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from polytask.tasks import DepthTask, NormalsTask, Task
+from polytask.tasks import TargetKind, Task
 
-TargetKind = Literal["image", "label", "normals", "depth"]
+SampleKind = Literal["image"] | TargetKind
 Sample = dict[str, Any]
-
-DEFAULT_KINDS: dict[str, TargetKind] = {
-    "image": "image",
-    "semseg": "label",
-    "human_parts": "label",
-    "sal": "label",
-    "edge": "label",
-    "normals": "normals",
-    "depth": "depth",
-}
-DENSE_KEYS: tuple[str, ...] = tuple(DEFAULT_KINDS)
 
 
 def transform_kinds(tasks: Iterable[Task]) -> dict[str, TargetKind]:
     """The kind of every dense task's target, by task name (image-level tasks are left out)."""
-    kinds: dict[str, TargetKind] = {}
-    for task in tasks:
-        if not task.dense:
-            continue
-        if isinstance(task, NormalsTask):
-            kinds[task.name] = "normals"
-        elif isinstance(task, DepthTask):
-            kinds[task.name] = "depth"
-        else:
-            kinds[task.name] = "label"
-    return kinds
+    return {task.name: task.transform_kind for task in tasks if task.transform_kind is not None}
 
 
-def _merge_kinds(kinds: Mapping[str, TargetKind] | None) -> dict[str, TargetKind]:
-    return {**DEFAULT_KINDS, **(kinds or {})}
+def crop_balance_key(tasks: Iterable[Task]) -> str | None:
+    """The target the random crop's class ratio is measured on: the first task that
+    :attr:`~polytask.tasks.Task.balances_crops` (None: no such task, crops are not re-drawn)."""
+    return next((task.name for task in tasks if task.balances_crops), None)
 
 
-def _dense_items(sample: Sample, kinds: Mapping[str, TargetKind]) -> list[tuple[str, TargetKind]]:
+def empty_ignored_keys(tasks: Iterable[Task]) -> list[str]:
+    """The targets made all-ignore when they hold no foreground class (:attr:`~polytask.tasks.Task.ignores_empty`)."""
+    return [task.name for task in tasks if task.ignores_empty]
+
+
+def _merge_kinds(kinds: Mapping[str, TargetKind]) -> dict[str, SampleKind]:
+    return {"image": "image", **kinds}
+
+
+def _dense_items(sample: Sample, kinds: Mapping[str, SampleKind]) -> list[tuple[str, SampleKind]]:
     return [(key, kinds[key]) for key in sample if key in kinds]
 
 
@@ -110,14 +101,15 @@ class RandomScale:
     Args:
         scale_range: ``(low, high)`` of the uniform scale factor.
         generator: torch generator of the draws (default: torch's global one).
-        kinds: kinds of extra keys (see the module docstring).
+        kinds: the kind of every target, by key (see the module docstring; :func:`transform_kinds`).
     """
 
     def __init__(
         self,
         scale_range: tuple[float, float] = (0.5, 2.0),
         generator: torch.Generator | None = None,
-        kinds: Mapping[str, TargetKind] | None = None,
+        *,
+        kinds: Mapping[str, TargetKind],
     ) -> None:
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.generator = generator
@@ -134,7 +126,7 @@ class RandomScale:
             value = sample[key]
             if kind == "image":
                 out[key] = resize_bilinear(value, size)
-            elif kind == "depth":
+            elif kind == "distance":
                 resized = resize_nearest(value, size)
                 out[key] = torch.where(resized != IGNORE_INDEX, resized / scale, resized)
             else:
@@ -154,9 +146,10 @@ class RandomCrop:
         size: ``(h, w)`` of the crop.
         cat_max_ratio: largest admissible share of one class.
         max_tries: re-draws allowed.
-        ratio_key: the segmentation target the ratio is measured on.
+        ratio_key: the segmentation target the ratio is measured on (None: never re-drawn;
+            :func:`crop_balance_key`).
         generator: torch generator of the draws.
-        kinds: kinds of extra keys.
+        kinds: the kind of every target, by key.
     """
 
     def __init__(
@@ -164,9 +157,10 @@ class RandomCrop:
         size: tuple[int, int],
         cat_max_ratio: float = 0.75,
         max_tries: int = 10,
-        ratio_key: str = "semseg",
+        ratio_key: str | None = None,
         generator: torch.Generator | None = None,
-        kinds: Mapping[str, TargetKind] | None = None,
+        *,
+        kinds: Mapping[str, TargetKind],
     ) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.cat_max_ratio = cat_max_ratio
@@ -195,7 +189,7 @@ class RandomCrop:
     def __call__(self, sample: Sample) -> Sample:
         height, width = sample["image"].shape[-2:]
         corner = self._draw(height, width)
-        if self.cat_max_ratio < 1.0 and self.ratio_key in sample:
+        if self.cat_max_ratio < 1.0 and self.ratio_key is not None and self.ratio_key in sample:
             for _ in range(self.max_tries):
                 if self._acceptable(self._crop(sample[self.ratio_key], corner)):
                     break
@@ -214,12 +208,10 @@ class RandomHorizontalFlip:
     Args:
         p: flip probability.
         generator: optional torch generator for reproducible draws.
-        kinds: kinds of extra keys.
+        kinds: the kind of every target, by key.
     """
 
-    def __init__(
-        self, p: float = 0.5, generator: torch.Generator | None = None, kinds: Mapping[str, TargetKind] | None = None
-    ) -> None:
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None, *, kinds: Mapping[str, TargetKind]) -> None:
         self.p = p
         self.generator = generator
         self.kinds = _merge_kinds(kinds)
@@ -230,7 +222,7 @@ class RandomHorizontalFlip:
         out = dict(sample)
         for key, kind in _dense_items(sample, self.kinds):
             value = sample[key].flip(-1)
-            if kind == "normals":
+            if kind == "direction":
                 value = value.clone()
                 value[0] = torch.where(value[0] != IGNORE_INDEX, -value[0], value[0])
             out[key] = value
@@ -364,10 +356,10 @@ class Pad:
 
     Args:
         size: ``(h, w)`` to pad to.
-        kinds: kinds of extra keys.
+        kinds: the kind of every target, by key.
     """
 
-    def __init__(self, size: tuple[int, int], kinds: Mapping[str, TargetKind] | None = None) -> None:
+    def __init__(self, size: tuple[int, int], *, kinds: Mapping[str, TargetKind]) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.kinds = _merge_kinds(kinds)
 
@@ -391,9 +383,12 @@ class IgnoreEmptyParts:
     """Mark a part target all-ignore (255) when it holds no part pixel (only background 0 and 255).
 
     InvPT / ATRC apply this after cropping, so a training crop without any part is ignored too.
+
+    Args:
+        keys: the part targets (:func:`empty_ignored_keys`).
     """
 
-    def __init__(self, keys: Sequence[str] = ("human_parts",)) -> None:
+    def __init__(self, keys: Sequence[str]) -> None:
         self.keys = tuple(keys)
 
     def __call__(self, sample: Sample) -> Sample:
@@ -422,50 +417,49 @@ class Compose:
 
 def train_transform(
     size: tuple[int, int],
+    tasks: Sequence[Task],
     generator: torch.Generator | None = None,
-    kinds: Mapping[str, TargetKind] | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
-    ratio_key: str = "semseg",
-    parts_keys: Sequence[str] = ("human_parts",),
 ) -> Compose:
     """The ATRC / InvPT training pipeline for an unnormalised sample (image in [0, 255]).
 
     Args:
         size: ``(h, w)`` train size (crop, then pad).
+        tasks: the tasks of the samples: the kinds of their targets, the crop-balancing target
+            (:func:`crop_balance_key`) and the part targets (:func:`empty_ignored_keys`).
         generator: torch generator of every random draw.
-        kinds: kinds of extra keys.
         scale_range: range of the random scale factor.
-        cat_max_ratio: largest share of one class of ``ratio_key`` in a crop.
-        ratio_key: the segmentation target the crop ratio is measured on.
-        parts_keys: part targets made all-ignore when a crop holds no part.
+        cat_max_ratio: largest share of one class of the crop-balancing target in a crop.
     """
+    kinds = transform_kinds(tasks)
     return Compose(
         [
-            RandomScale(scale_range, generator, kinds),
-            RandomCrop(size, cat_max_ratio, ratio_key=ratio_key, generator=generator, kinds=kinds),
-            RandomHorizontalFlip(0.5, generator, kinds),
+            RandomScale(scale_range, generator, kinds=kinds),
+            RandomCrop(size, cat_max_ratio, ratio_key=crop_balance_key(tasks), generator=generator, kinds=kinds),
+            RandomHorizontalFlip(0.5, generator, kinds=kinds),
             PhotometricDistortion(generator=generator),
             Normalize(),
-            Pad(size, kinds),
-            IgnoreEmptyParts(parts_keys),
+            Pad(size, kinds=kinds),
+            IgnoreEmptyParts(empty_ignored_keys(tasks)),
         ]
     )
 
 
-def eval_transform(
-    size: tuple[int, int] | None = None,
-    kinds: Mapping[str, TargetKind] | None = None,
-    parts_keys: Sequence[str] = ("human_parts",),
-) -> Compose:
-    """Evaluation pipeline: ImageNet normalisation, then (when ``size`` is given) padding with ignore.
+def eval_transform(size: tuple[int, int] | None, tasks: Sequence[Task]) -> Compose:
+    """Evaluation pipeline: ImageNet normalisation, then (when ``size`` is given) padding with ignore,
+    then part targets without any part made all-ignore.
 
     No resizing and no test-time augmentation.
+
+    Args:
+        size: ``(h, w)`` to pad to, or None.
+        tasks: the tasks of the samples (target kinds and part targets).
     """
     steps: list[Callable[[Sample], Sample]] = [Normalize()]
     if size is not None:
-        steps.append(Pad(size, kinds))
-    steps.append(IgnoreEmptyParts(parts_keys))
+        steps.append(Pad(size, kinds=transform_kinds(tasks)))
+    steps.append(IgnoreEmptyParts(empty_ignored_keys(tasks)))
     return Compose(steps)
 
 

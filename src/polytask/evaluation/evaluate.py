@@ -35,12 +35,11 @@ from rich.progress import Progress
 from torchmetrics import Metric
 
 from polytask.data.check import registry
-from polytask.data.io import DataFileError, FileDataset, mat_array, read_lines
+from polytask.data.io import DataFileError, FileDataset, read_lines
 from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
 from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
 from polytask.metrics import MetricProtocol, check_protocol, protocol_setting
-from polytask.metrics.segmentation import SegmentationMetric
-from polytask.tasks import EdgeTask, SaliencyTask, SegmentationTask, Task
+from polytask.tasks import Task
 
 DATASETS: tuple[str, ...] = ("pascal_context", "nyud", "nyuv2_mtan", "cityscapes_mtan", "folder")
 
@@ -59,7 +58,7 @@ NON_TASK_FOLDERS: frozenset[str] = frozenset({"pictures"})
 SEISM_TEST_NEW_SHA256 = "1998ea178a4683c851a7db0c5c6d41dcbc026e9502d4a6f10bb3668862cff0ce"
 SEISM_TEST_NEW_SIZE = 2498
 
-#: What SEISM's boundary ground truth is made from, per dataset (see :func:`seism_ground_truth`).
+#: What SEISM's boundary ground truth is made from, per dataset (see :meth:`FileDataset.seism_label_map`).
 SEISM_GROUND_TRUTH: dict[str, str] = {
     "pascal_context": "seg2bmap(LabelMap)",
     "nyud": "seg2bmap(edge map)",
@@ -298,32 +297,6 @@ def check_predictions(dataset: FileDataset, tasks: Sequence[Task], pred_dir: Pat
     return problems
 
 
-def per_class_iou(task: Task, metric: Metric) -> dict[str, float] | None:
-    """``{class name: IoU}`` in percent of a segmentation task's split-level metric, classes in id order; None otherwise."""
-    if not isinstance(task, SegmentationTask) or not isinstance(metric, SegmentationMetric):
-        return None
-    return {name: float(v) for name, v in zip(task.class_names, metric.per_class_iou().tolist(), strict=True)}
-
-
-def seism_ground_truth(dataset_name: str, dataset: FileDataset, index: int, target: torch.Tensor) -> np.ndarray:
-    """The boundary map SEISM scores a sample against, ``(H, W)`` bool (thinned by the evaluator).
-
-    PASCAL-Context: ``seg2bmap`` of the context ``LabelMap`` (SEISM's ``db_gt``), not the
-    Laplacian training target. NYUD: ``seg2bmap`` of the ``edge`` map read as a label map, as
-    the InvPT authors' SEISM wrapper (``prismformore/Boundary-Detection-Evaluation-Tools``,
-    ``db_gt.m``) reads ``edge/<id>.png``.
-
-    Args:
-        dataset_name: ``pascal_context`` or ``nyud``.
-        dataset: the split.
-        index: the sample.
-        target: its decoded ``edge`` target ``(1, H, W)``.
-    """
-    if dataset_name == "pascal_context":
-        return segmentation_boundaries(mat_array(dataset.target_file(index, "edge"), "LabelMap"))
-    return segmentation_boundaries(target[0].numpy())
-
-
 def protocol_batch_size(dataset_name: str, protocol: str, batch_size: int | None) -> int:
     """The number of consecutive samples each metric update gets.
 
@@ -382,7 +355,6 @@ def _update(metric: Metric, task: Task, dataset: FileDataset, batch: _Batch, pro
 
 
 def _score_samples(
-    dataset_name: str,
     dataset: FileDataset,
     tasks: Sequence[Task],
     pred_dir: Path,
@@ -405,13 +377,13 @@ def _score_samples(
     for index, sample_id in enumerate(dataset.ids):
         shape = dataset.image_size(index)
         for task in tasks:
-            edge = isinstance(task, EdgeTask)
+            edge = task.is_boundary
             if edge and sample_id not in selection:
                 continue
             try:
                 pred = read_prediction(pred_dir, task, sample_id, shape)
                 target = dataset.validated_target(index, task.name)
-                gt = seism_ground_truth(dataset_name, dataset, index, target) if edge and seism else None
+                gt = segmentation_boundaries(dataset.seism_label_map(index, target)) if edge and seism else None
             except PredictionFileError as err:
                 problems.append(str(err))
                 continue
@@ -480,12 +452,12 @@ def evaluate_predictions(
     batch_size = protocol_batch_size(dataset_name, protocol, batch_size)
     loaded = load_split(dataset_name, root, split, tasks)
     dataset, task_list, split = loaded.dataset, loaded.tasks, loaded.split
-    task_list = [SaliencyTask(t.name, legacy_sigmoid=legacy_sigmoid) if isinstance(t, SaliencyTask) else t for t in task_list]
+    task_list = [t.with_metric_options(legacy_sigmoid=legacy_sigmoid) for t in task_list]
     try:
         metrics = {t.name: t.make_metric(protocol) for t in task_list}
     except ValueError as err:
         raise EvaluationSetupError(str(err)) from err
-    has_edge = any(isinstance(t, EdgeTask) for t in task_list)
+    has_edge = any(t.is_boundary for t in task_list)
     use_seism = has_edge and dataset_name in SEISM_GROUND_TRUTH
     if not has_edge and (boundary_ids is not None or boundary_subset != "all"):
         raise EvaluationSetupError("a boundary subset was given but the edge task is not evaluated")
@@ -500,7 +472,7 @@ def evaluate_predictions(
             f"maximum_roaming batches: {batch_size} consecutive ids in file order "
             f"(Maximum Roaming's {dataset_name} scripts use {MAXIMUM_ROAMING_BATCH_SIZE[dataset_name]})"
         )
-    if any(isinstance(t, SaliencyTask) for t in task_list):
+    if any("legacy_sigmoid" in t.metric_options for t in task_list):
         report.settings["saliency_legacy_sigmoid"] = legacy_sigmoid
         report.notes.append(saliency_setting(legacy_sigmoid))
     n_boundary = len(dataset) if selection.ids is None else len(selection.ids)
@@ -536,7 +508,7 @@ def evaluate_predictions(
     evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers) if use_seism else None
     with Progress(console=console, transient=True, disable=console is None) as progress:
         pairs = _score_samples(
-            dataset_name, dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size,
+            dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size,
             seism=evaluator is not None,
         )
         counts = evaluator.evaluate_counts(pairs) if evaluator is not None else list(pairs)
@@ -544,11 +516,11 @@ def evaluate_predictions(
         return report
     for task in task_list:
         values = {k: float(v) for k, v in metrics[task.name].compute().items()}
-        if isinstance(task, EdgeTask) and evaluator is not None:
+        if task.is_boundary and evaluator is not None:
             seism = summarize_images(evaluator.thresholds, counts)
             values = {"odsF": 100.0 * seism.ods_f, "oisF": 100.0 * seism.ois_f, "ap": 100.0 * seism.ap, **values}
         report.results[task.name] = values
-        per_class = per_class_iou(task, metrics[task.name])
+        per_class = task.per_class_results(metrics[task.name])
         if per_class is not None:
             report.per_class_iou[task.name] = per_class
     return report

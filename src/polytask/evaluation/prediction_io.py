@@ -21,6 +21,11 @@ round trip in memory, so in-memory scores can be compared with scores of saved f
 readers of probability maps accept 16-bit PNGs too (``v / 65535``), as SEISM's
 ``read_one_cont_png`` does.
 
+Each task states the kind of file it is saved as (:attr:`polytask.tasks.Task.prediction_format`)
+and converts its predictions to and from the stored arrays
+(:meth:`~polytask.tasks.Task.encode_prediction`, :meth:`~polytask.tasks.Task.decode_prediction`,
+:meth:`~polytask.tasks.Task.quantize_prediction`); this module reads and writes the files.
+
 Readers validate the file against the ground truth's ``(H, W)`` and raise
 :class:`PredictionFileError` naming the file, the task and what was expected.
 """
@@ -36,16 +41,26 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from polytask.evaluation.boundary import quantize_probabilities, read_prediction_png
-from polytask.tasks import DepthTask, EdgeTask, NormalsTask, SaliencyTask, SegmentationTask, Task
+from polytask.evaluation.boundary import read_prediction_png
+from polytask.tasks import DepthFormat, PredictionFormat, Task
+from polytask.tasks.codes import DEPTH_PNG_SCALE
 
-DepthFormat = Literal["npy", "png16"]
+__all__ = [
+    "DEPTH_PNG_SCALE",
+    "DepthFormat",
+    "PredictionFileError",
+    "encode_prediction",
+    "find_prediction",
+    "has_file_format",
+    "prediction_path",
+    "probe_prediction",
+    "quantize_prediction",
+    "read_prediction",
+    "sample_path",
+    "write_prediction",
+]
+
 ProblemKind = Literal["missing", "ambiguous", "unreadable", "mode", "shape", "values"]
-
-#: 16-bit depth PNGs store millimetres: ``metres = value / DEPTH_PNG_SCALE``.
-DEPTH_PNG_SCALE = 1000.0
-_UINT16_MAX = 65535
-
 
 
 class PredictionFileError(Exception):
@@ -66,22 +81,9 @@ class PredictionFileError(Exception):
         super().__init__(f"{self.path}: task {task!r}: {detail}")
 
 
-def _format_of(task: Task) -> str:
-    """``labels``, ``probability``, ``normals`` or ``depth``; ValueError for image-level tasks."""
-    if isinstance(task, SegmentationTask):
-        return "labels"
-    if isinstance(task, SaliencyTask | EdgeTask):
-        return "probability"
-    if isinstance(task, NormalsTask):
-        return "normals"
-    if isinstance(task, DepthTask):
-        return "depth"
-    raise ValueError(f"task {task.name!r} ({type(task).__name__}) has no prediction file format; only dense tasks are saved")
-
-
 def has_file_format(task: Task) -> bool:
     """Whether predictions of ``task`` can be saved as files (the dense tasks)."""
-    return isinstance(task, SegmentationTask | SaliencyTask | EdgeTask | NormalsTask | DepthTask)
+    return task.prediction_format is not None
 
 
 def sample_path(sample_id: str) -> PurePosixPath:
@@ -104,53 +106,11 @@ def prediction_path(pred_dir: str | Path, task: str, sample_id: str, suffix: str
 # ------------------------------------------------------------------ encoding
 
 
-def _probability_codes(prob: np.ndarray) -> np.ndarray:
-    """uint8 ``floor(255 p)`` of probabilities, identical to :func:`quantize_probabilities`."""
-    return np.floor(np.clip(prob.astype(np.float32) * np.float32(255), 0, 255)).astype(np.uint8)
-
-
-def _normals_codes(normals: np.ndarray) -> np.ndarray:
-    """uint8 ``floor((n + 1) 255 / 2)`` of unit normals (channels last)."""
-    scaled = (normals.astype(np.float32) + np.float32(1)) * np.float32(255) / np.float32(2)
-    return np.floor(np.clip(scaled, 0, 255)).astype(np.uint8)
-
-
-def _depth_codes(depth: np.ndarray) -> np.ndarray:
-    """uint16 millimetres of depths in metres; ValueError beyond 65.535 m."""
-    mm = np.rint(depth.astype(np.float64) * DEPTH_PNG_SCALE)
-    if mm.size and mm.max() > _UINT16_MAX:
-        raise ValueError(
-            f"depth up to {depth.max():.3f} m does not fit a 16-bit PNG in millimetres (max {_UINT16_MAX / DEPTH_PNG_SCALE} m); "
-            "save depth as .npy"
-        )
-    return mm.astype(np.uint16)
-
-
-def _check_value(task: Task, value: torch.Tensor, kind: str) -> np.ndarray:
-    """The prediction of one sample as a NumPy array, after checking its shape and values."""
-    expected_dims = {"labels": 2, "probability": 3 if isinstance(task, EdgeTask) else 2, "normals": 3, "depth": 3}[kind]
-    if value.dim() != expected_dims or (expected_dims == 3 and value.shape[0] != task.out_channels):
-        layout = {2: "(H, W)", 3: f"({task.out_channels}, H, W)"}[expected_dims]
-        raise ValueError(f"task {task.name!r}: expected one prediction of shape {layout}, got {tuple(value.shape)}")
-    array = value.detach().cpu().numpy()
-    if kind == "labels":
-        if value.is_floating_point():
-            raise ValueError(f"task {task.name!r}: expected integer labels, got {value.dtype}")
-        if array.size and (array.min() < 0 or array.max() >= task.num_classes):
-            raise ValueError(f"task {task.name!r}: labels {array.min()}..{array.max()} outside 0..{task.num_classes - 1}")
-        return array
-    if not np.isfinite(array).all():
-        raise ValueError(f"task {task.name!r}: prediction holds {int((~np.isfinite(array)).sum())} non-finite value(s)")
-    if kind == "depth" and (array < 0).any():
-        raise ValueError(f"task {task.name!r}: negative depth {array.min():.4g} m")
-    return array
-
-
 def encode_prediction(task: Task, value: torch.Tensor, depth_format: DepthFormat = "npy") -> tuple[np.ndarray, str]:
-    """The array stored for one prediction, and the file suffix.
+    """The array stored for one prediction, and the file suffix (:meth:`Task.encode_prediction`).
 
     Args:
-        task: the task (its class decides the format).
+        task: the task (it decides the format).
         value: one prediction without batch axis: ``(H, W)`` labels or saliency, ``(1, H, W)``
             boundary probability or depth, ``(3, H, W)`` unit normals.
         depth_format: ``npy`` (float32 metres) or ``png16`` (millimetres).
@@ -162,21 +122,7 @@ def encode_prediction(task: Task, value: torch.Tensor, depth_format: DepthFormat
         ValueError: wrong shape, non-finite values, labels outside the class range, negative
             depth, or depth too large for ``png16``.
     """
-    kind = _format_of(task)
-    if kind == "labels" and task.num_classes > 256:
-        raise ValueError(f"task {task.name!r}: {task.num_classes} classes do not fit an 8-bit label PNG")
-    array = _check_value(task, value, kind)
-    if kind == "labels":
-        return array.astype(np.uint8), ".png"
-    if kind == "probability":
-        return _probability_codes(array.reshape(array.shape[-2:])), ".png"
-    if kind == "normals":
-        return _normals_codes(array.transpose(1, 2, 0)), ".png"
-    if depth_format == "npy":
-        return array[0].astype(np.float32), ".npy"
-    if depth_format == "png16":
-        return _depth_codes(array[0]), ".png"
-    raise ValueError(f"depth_format must be 'npy' or 'png16', got {depth_format!r}")
+    return task.encode_prediction(value, depth_format)
 
 
 def write_prediction(
@@ -208,7 +154,7 @@ def write_prediction(
 
 
 def quantize_prediction(task: Task, value: torch.Tensor, depth_format: DepthFormat = "npy") -> torch.Tensor:
-    """What reading back a saved prediction gives, computed in memory.
+    """What reading back a saved prediction gives, computed in memory (:meth:`Task.quantize_prediction`).
 
     Args:
         task: the task.
@@ -221,28 +167,18 @@ def quantize_prediction(task: Task, value: torch.Tensor, depth_format: DepthForm
         normals ``2 floor((n + 1) 255 / 2) / 255 - 1``, depth as float32 (``npy``) or rounded
         to millimetres (``png16``).
     """
-    kind = _format_of(task)
-    if kind == "labels":
-        return value
-    array = value.detach().cpu().numpy()
-    if kind == "probability":
-        out = quantize_probabilities(array)
-    elif kind == "normals":
-        codes = _normals_codes(np.moveaxis(array, -3, -1))
-        out = np.moveaxis(_decode_normals(codes), -1, -3)
-    elif depth_format == "png16":
-        out = _depth_codes(array).astype(np.float32) / np.float32(DEPTH_PNG_SCALE)
-    else:
-        out = array.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(out)).to(value.device)
-
-
-def _decode_normals(codes: np.ndarray) -> np.ndarray:
-    """``2 v / 255 - 1`` in float32, as the ground-truth readers decode normals PNGs."""
-    return np.float32(2.0) * codes.astype(np.float32) / np.float32(255.0) - np.float32(1.0)
+    return task.quantize_prediction(value, depth_format)
 
 
 # ------------------------------------------------------------------ reading
+
+
+_SUFFIXES: dict[PredictionFormat, tuple[str, ...]] = {
+    "labels": (".png",),
+    "probability": (".png",),
+    "direction": (".png",),
+    "distance": (".npy", ".png"),
+}
 
 
 def find_prediction(pred_dir: str | Path, task: Task, sample_id: str) -> Path:
@@ -251,7 +187,7 @@ def find_prediction(pred_dir: str | Path, task: Task, sample_id: str) -> Path:
     Raises:
         PredictionFileError: ``missing`` (no file), or ``ambiguous`` (depth as both .npy and .png).
     """
-    suffixes = (".npy", ".png") if _format_of(task) == "depth" else (".png",)
+    suffixes = _SUFFIXES[task.file_format()]
     found = [p for p in (prediction_path(pred_dir, task.name, sample_id, s) for s in suffixes) if p.is_file()]
     if not found:
         expected = prediction_path(pred_dir, task.name, sample_id, suffixes[0])
@@ -261,23 +197,23 @@ def find_prediction(pred_dir: str | Path, task: Task, sample_id: str) -> Path:
     return found[0]
 
 
-_PNG_MODES: dict[str, tuple[str, ...]] = {
+_PNG_MODES: dict[PredictionFormat, tuple[str, ...]] = {
     "labels": ("L", "P"),
     "probability": ("L", "I;16"),
-    "normals": ("RGB",),
-    "depth": ("I;16",),
+    "direction": ("RGB",),
+    "distance": ("I;16",),
 }
 
 
-_MODE_WORDS = {
+_MODE_WORDS: dict[PredictionFormat, str] = {
     "labels": "an 8-bit single-channel (L or P) PNG of class ids",
     "probability": "a single-channel 8-bit (L) or 16-bit (I;16) PNG of probabilities",
-    "normals": "an 8-bit RGB PNG",
-    "depth": "a 16-bit (I;16) PNG of millimetres",
+    "direction": "an 8-bit RGB PNG",
+    "distance": "a 16-bit (I;16) PNG of millimetres",
 }
 
 
-def _header(path: Path, task: Task, kind: str) -> tuple[tuple[int, int], str]:
+def _header(path: Path, task: Task, kind: PredictionFormat) -> tuple[tuple[int, int], str]:
     """``((H, W), mode)`` of an image file from its header; ``mode`` is ``npy`` for arrays."""
     if path.suffix == ".npy":
         try:
@@ -324,7 +260,7 @@ def probe_prediction(pred_dir: str | Path, task: Task, sample_id: str, shape: tu
     Raises:
         PredictionFileError: missing, ambiguous, unreadable header, wrong mode/dtype, wrong size.
     """
-    kind = _format_of(task)
+    kind = task.file_format()
     path = find_prediction(pred_dir, task, sample_id)
     size, _ = _header(path, task, kind)
     if size != tuple(shape):
@@ -361,33 +297,26 @@ def read_prediction(pred_dir: str | Path, task: Task, sample_id: str, shape: tup
         PredictionFileError: see :func:`probe_prediction`; also undecodable data, class ids
             outside the task's classes, non-finite or negative depth.
     """
-    kind = _format_of(task)
+    kind = task.file_format()
     path = probe_prediction(pred_dir, task, sample_id, shape)
-    if kind == "labels":
-        labels = _decode_image(path, task).astype(np.int64)
-        bad = labels >= task.num_classes
-        if bad.any():
-            found = sorted({int(v) for v in np.unique(labels[bad])[:10]})
-            raise PredictionFileError(path, task.name, "values", f"class id(s) {found} outside 0..{task.num_classes - 1}")
-        return torch.from_numpy(labels)
-    if kind == "probability":
+    stored = _read_stored(path, task, kind, shape)
+    try:
+        return task.decode_prediction(stored)
+    except ValueError as err:
+        raise PredictionFileError(path, task.name, "values", str(err)) from err
+
+
+def _read_stored(path: Path, task: Task, kind: PredictionFormat, shape: tuple[int, int]) -> np.ndarray:
+    """The array of a prediction file: a ``.npy`` as float32 ``shape``; a probability PNG as SEISM
+    reads it (``v / 255``, ``v / 65535``); any other PNG's pixels."""
+    if path.suffix == ".npy":
         try:
-            prob = read_prediction_png(path)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise PredictionFileError(path, task.name, "unreadable", f"cannot decode ({err})") from err
-        return torch.from_numpy(prob[None] if isinstance(task, EdgeTask) else prob)
-    if kind == "normals":
-        codes = _decode_image(path, task)
-        return torch.from_numpy(np.ascontiguousarray(_decode_normals(codes).transpose(2, 0, 1)))
-    if path.suffix == ".png":
-        depth = _decode_image(path, task).astype(np.float32) / np.float32(DEPTH_PNG_SCALE)
-    else:
-        try:
-            depth = np.load(path, allow_pickle=False).astype(np.float32).reshape(shape)
+            return np.load(path, allow_pickle=False).astype(np.float32).reshape(shape)
         except (ValueError, OSError, EOFError) as err:
             raise PredictionFileError(path, task.name, "unreadable", f"cannot read the array ({err})") from err
-        if not np.isfinite(depth).all():
-            raise PredictionFileError(path, task.name, "values", f"{int((~np.isfinite(depth)).sum())} non-finite depth value(s)")
-        if (depth < 0).any():
-            raise PredictionFileError(path, task.name, "values", f"negative depth {depth.min():.4g} m")
-    return torch.from_numpy(np.ascontiguousarray(depth)[None])
+    if kind == "probability":
+        try:
+            return read_prediction_png(path)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise PredictionFileError(path, task.name, "unreadable", f"cannot decode ({err})") from err
+    return _decode_image(path, task)

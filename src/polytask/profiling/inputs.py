@@ -14,42 +14,17 @@ from polytask.models.summary import summarize_model
 from polytask.profiling.bare import make_bare_net
 from polytask.profiling.experiment import Experiment
 from polytask.profiling.loader import LoaderStats, measure_loader
-from polytask.tasks import (
-    AttributeTask,
-    DepthTask,
-    EdgeTask,
-    NormalsTask,
-    SaliencyTask,
-    SegmentationTask,
-    Task,
-)
+from polytask.tasks import Task
 
 
 def synthetic_batch(tasks: Sequence[Task], batch_size: int, image_size: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Random images ``(B, 3, H, W)`` and random targets of the sample contract for ``tasks``.
-
-    Raises:
-        TypeError: a task kind whose targets are unknown here.
-    """
+    """Random images ``(B, 3, H, W)`` and each task's :meth:`~polytask.tasks.Task.random_target`
+    ``(B, ...)`` for ``tasks``, all drawn in order from one generator seeded with 0."""
     generator = torch.Generator().manual_seed(0)
     b, (h, w) = batch_size, (int(image_size[0]), int(image_size[1]))
     batch: dict[str, torch.Tensor] = {"image": torch.randn(b, 3, h, w, generator=generator)}
     for task in tasks:
-        if isinstance(task, SegmentationTask):
-            target = torch.randint(0, task.num_classes, (b, h, w), generator=generator)
-        elif isinstance(task, SaliencyTask):
-            target = torch.randint(0, 2, (b, h, w), generator=generator)
-        elif isinstance(task, NormalsTask):
-            target = F.normalize(torch.randn(b, 3, h, w, generator=generator), dim=1)
-        elif isinstance(task, EdgeTask):
-            target = (torch.rand(b, 1, h, w, generator=generator) < 0.1).float()
-        elif isinstance(task, DepthTask):
-            target = 0.5 + 9.5 * torch.rand(b, 1, h, w, generator=generator)
-        elif isinstance(task, AttributeTask):
-            target = torch.randint(0, 2, (b, task.out_channels), generator=generator).float()
-        else:
-            raise TypeError(f"no random targets for task {task.name!r} of kind {type(task).__name__}")
-        batch[task.name] = target
+        batch[task.name] = task.random_target(b, (h, w), generator)
     return {k: v.to(device) for k, v in batch.items()}
 
 

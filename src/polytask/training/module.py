@@ -13,10 +13,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
+from torchmetrics import Metric
 
-from polytask.metrics import AttributeMetric, MetricProtocol, check_protocol, delta_m, load_reference, protocol_setting
+from polytask.metrics import MetricProtocol, check_protocol, delta_m, load_reference, protocol_setting
 from polytask.models.base import MultiTaskNet
-from polytask.tasks import EdgeTask, SaliencyTask, Task
+from polytask.tasks import Task
 from polytask.training.checkpoint import (
     CHECKPOINT_KEY,
     checkpoint_config,
@@ -30,9 +31,6 @@ from polytask.training.guard import NonFiniteGuard
 from polytask.training.schedulers import ScheduleName, build_scheduler
 from polytask.weighting import FixedWeighting, Weighting
 
-ALL_ATTRIBUTES = "attributes"
-"""Results key of the metrics averaged over every attribute of every attribute-group task."""
-
 NetFactory = Callable[[Sequence[Task]], MultiTaskNet]
 
 
@@ -42,7 +40,8 @@ class MultiTaskModule(pl.LightningModule):
     Args:
         net: builds the network from the task list (in a config: ``class_path`` of a
             :class:`~polytask.models.MultiTaskNet` and its ``init_args`` without ``tasks``).
-        tasks: the tasks, linked from the datamodule by the CLI.
+        tasks: the tasks, linked from the datamodule by the CLI (never modified: a task whose
+            metric options differ, e.g. saliency with ``legacy_sigmoid``, is replaced by a new one).
         default_loss_weights: the dataset's default loss weights, linked from the datamodule.
         loss_weights: overrides of the loss weights by task name.
         optimizer: optimizer factory over the trainable parameters.
@@ -86,10 +85,7 @@ class MultiTaskModule(pl.LightningModule):
         weighting: Weighting | None = None,
     ) -> None:
         super().__init__()
-        self.tasks = list(tasks)
-        for task in self.tasks:
-            if isinstance(task, SaliencyTask):
-                task.legacy_sigmoid = legacy_sigmoid
+        self.tasks = [task.with_metric_options(legacy_sigmoid=legacy_sigmoid) for task in tasks]
         names = [t.name for t in self.tasks]
         for source, weights in (("loss_weights", loss_weights), ("default_loss_weights", default_loss_weights)):
             unknown = sorted(set(weights or {}) - set(names))
@@ -121,10 +117,7 @@ class MultiTaskModule(pl.LightningModule):
         """Metric settings that change the numbers, for the printed table and the JSON file."""
         settings: dict[str, str] = {"metrics": protocol_setting(self.metric_protocol)}
         for task in self.tasks:
-            if isinstance(task, SaliencyTask):
-                settings[f"{task.name} maxF"] = f"legacy_sigmoid={'on' if task.legacy_sigmoid else 'off'}"
-            elif isinstance(task, EdgeTask):
-                settings[f"{task.name}"] = "F_tol: in-training boundary F (2 px tolerance), not SEISM odsF"
+            settings.update(task.metric_settings())
         return settings
 
     def _describe(self, net: NetFactory) -> str:
@@ -250,27 +243,34 @@ class MultiTaskModule(pl.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         results: dict[str, dict[str, float]] = {}
-        per_attribute: dict[str, list[torch.Tensor]] = {}
+        metrics = self.metrics[stage]
         for task in self.tasks:
-            metric = self.metrics[stage][task.name]
-            values = {k: float(v) for k, v in metric.compute().items()}
-            if isinstance(metric, AttributeMetric):
-                for key, tensor in metric.per_attribute().items():
-                    per_attribute.setdefault(key, []).append(tensor.flatten())
-            metric.reset()
+            values = {k: float(v) for k, v in metrics[task.name].compute().items()}
             results[task.name] = values
             self.log_dict({f"{stage}/{task.name}/{k}": v for k, v in values.items()}, sync_dist=False)
-        if per_attribute and ALL_ATTRIBUTES not in results:
-            # CelebA reports precision/recall/F1/accuracy averaged over all 40 attributes, across groups
-            mean = {k: float(torch.cat(v).double().mean()) for k, v in per_attribute.items()}
-            results[ALL_ATTRIBUTES] = mean
-            self.log_dict({f"{stage}/{ALL_ATTRIBUTES}/{k}": v for k, v in mean.items()}, sync_dist=False)
+        for key, values in self._joint_results(stage).items():
+            if key not in results:
+                results[key] = values
+                self.log_dict({f"{stage}/{key}/{k}": v for k, v in values.items()}, sync_dist=False)
+        for task in self.tasks:
+            metrics[task.name].reset()
         if self.reference is not None:
             directions = {t.name: t.higher_is_better for t in self.tasks}
             dm = delta_m(results, self.reference, directions)
             results["multi_task"] = {"delta_m": dm}
             self.log(f"{stage}/delta_m", dm)
         self.results[stage] = results
+
+    def _joint_results(self, stage: str) -> dict[str, dict[str, float]]:
+        """:meth:`Task.joint_results` of every task class over its tasks' ``stage`` metrics (e.g.
+        CelebA's means over all attributes of all groups); a task's own results are never replaced."""
+        by_class: dict[type[Task], list[Metric]] = {}
+        for task in self.tasks:
+            by_class.setdefault(type(task), []).append(self.metrics[stage][task.name])
+        joint: dict[str, dict[str, float]] = {}
+        for task_class, metrics in by_class.items():
+            joint.update(task_class.joint_results(metrics))
+        return joint
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

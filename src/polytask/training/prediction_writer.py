@@ -30,7 +30,7 @@ from PIL import Image
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.data.transforms import denormalize
 from polytask.evaluation.prediction_io import DepthFormat, has_file_format, prediction_path, write_prediction
-from polytask.tasks import NormalsTask, SegmentationTask, Task
+from polytask.tasks import Task
 from polytask.viz import prediction_grid
 
 Stage = Literal["validate", "test", "predict"]
@@ -82,20 +82,6 @@ def centre_crop(value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"original size {h}x{w} exceeds the prediction's {height}x{width}; it was not padded")
     top, left = (height - h) // 2, (width - w) // 2
     return value[..., top : top + h, left : left + w]
-
-
-def resize_back(task: Task, value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize one prediction ``(H, W)`` / ``(C, H, W)`` to ``size``: labels nearest, others bilinear.
-
-    Normals are renormalised to unit length after interpolation.
-    """
-    if isinstance(task, SegmentationTask):
-        return F.interpolate(value[None, None].float(), size=size, mode="nearest")[0, 0].to(value.dtype)
-    planar = value[None] if value.dim() == 3 else value[None, None]
-    out = F.interpolate(planar.float(), size=size, mode="bilinear", align_corners=False)[0]
-    if isinstance(task, NormalsTask):
-        return F.normalize(out, dim=0)
-    return out if value.dim() == 3 else out[0]
 
 
 def restore_image(image: torch.Tensor, size: tuple[int, int], resized: bool) -> torch.Tensor:
@@ -274,7 +260,7 @@ class PredictionWriter(pl.Callback):
         for task in self.tasks:
             values = outputs[task.name].detach().cpu()
             for sample_id, size, value, sample_panels in zip(ids, sizes, values, panels):
-                value = resize_back(task, value, size) if resized else centre_crop(value, size)
+                value = task.resize_prediction(value, size) if resized else centre_crop(value, size)
                 if self.raw:
                     try:
                         write_prediction(self.out_dir, task, sample_id, value, self.depth_format)
