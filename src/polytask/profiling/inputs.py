@@ -114,7 +114,7 @@ def bench_inputs(
     report: dict[str, Any] = {
         "configs": experiment.configs,
         "overrides": experiment.overrides,
-        "model": type(net).__name__,
+        "model": net.display_name,
         "tasks": [t.name for t in module.tasks],
         "image_size": list(image_size),
         "full_image_size": list(experiment.full_image_size) if experiment.full_image_size else None,
