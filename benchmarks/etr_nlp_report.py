@@ -27,8 +27,8 @@ import torch
 import yaml
 from torch import nn
 
-from polytask.data.celeba import ATTRIBUTE_GROUPS
-from polytask.data.mtan import CITYSCAPES_7_CLASSES, NYUV2_CLASSES, segmentation_tasks
+from polytask.data.datasets.celeba import ATTRIBUTE_GROUPS
+from polytask.data.datasets.mtan import CITYSCAPES_7_CLASSES, NYUV2_CLASSES, segmentation_tasks
 from polytask.models.base import MultiTaskNet
 from polytask.models.summary import count_flops
 from polytask.tasks import Task, build_task

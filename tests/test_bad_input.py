@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from polytask.cli import main
+from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.data.predict import ImageFolder
-from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.models import HardSharing
 from polytask.tasks import Task, build_task
 from polytask.training.checkpoint import AtomicCheckpointIO, ResumableCheckpoint, read_checkpoint

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from polytask.cli.export import main as export_main
-from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.tasks import build_task
 from polytask.training.checkpoint import (

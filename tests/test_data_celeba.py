@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_celeba
 
-from polytask.data.celeba import ATTRIBUTE_GROUPS, CelebADataModule, resized_size
+from fixtures_data import write_celeba
 from polytask.data.check import check_dataset
+from polytask.data.datasets.celeba import ATTRIBUTE_GROUPS, CelebADataModule, resized_size
 from polytask.data.io import DataFileError
 from polytask.tasks import AttributeTask
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fixtures_data import (
     write_celeba,
     write_folder,
@@ -15,13 +17,12 @@ from fixtures_data import (
     write_nyud,
     write_pascal_context,
 )
-from PIL import Image
-
 from polytask.cli.data import main as data_main
-from polytask.data import check
-from polytask.data.check import BrokenDatasetError, check_dataset
+from polytask.data import problems
+from polytask.data.check import check_dataset
+from polytask.data.datasets.nyud import NYUDDataModule
 from polytask.data.io import DataFileError
-from polytask.data.nyud import NYUDDataModule
+from polytask.data.problems import BrokenDatasetError
 
 
 @pytest.fixture(autouse=True)
@@ -132,13 +133,13 @@ def test_quick_check_is_cached_until_a_file_changes(tmp_path: Path, monkeypatch:
     write_nyud(tmp_path, "atrc")
     NYUDDataModule(tmp_path).setup("validate")
     calls: list[str] = []
-    original = check.check_split
+    original = problems.check_split
 
     def counting(*args: object, **kwargs: object) -> list:
         calls.append("check")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(check, "check_split", counting)
+    monkeypatch.setattr(problems, "check_split", counting)
     NYUDDataModule(tmp_path).setup("validate")
     assert calls == []
     image = tmp_path / "images" / "0003.png"

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fixtures_data import Fixture, write_folder
 from PIL import Image
 
+from fixtures_data import Fixture, write_folder
 from polytask.config import lightning_main
-from polytask.data.folder import FolderDataModule
-from polytask.data.predict import ImageFolder
+from polytask.data.datasets.folder import FolderDataModule
 from polytask.data.io import DataFileError
+from polytask.data.predict import ImageFolder
 from polytask.tasks import DepthTask, EdgeTask, NormalsTask, SegmentationTask
 
 

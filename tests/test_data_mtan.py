@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import Fixture, write_mtan_cityscapes, write_mtan_nyuv2
 
-from polytask.data.io import DataFileError
-from polytask.data.mtan import CityscapesMTANDataModule, NYUv2MTANDataModule
+from fixtures_data import Fixture, write_mtan_cityscapes, write_mtan_nyuv2
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.datasets.mtan import CityscapesMTANDataModule, NYUv2MTANDataModule
+from polytask.data.io import DataFileError
 
 
 @pytest.fixture(scope="module")

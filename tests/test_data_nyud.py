@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import Fixture, write_nyud
 
+from fixtures_data import Fixture, write_nyud
+from polytask.data.datasets.nyud import NYUDDataModule, detect_version
 from polytask.data.io import DataFileError
-from polytask.data.nyud import NYUDDataModule, detect_version
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def nyud(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def test_version_is_detected_and_logged(nyud: Fixture, caplog: pytest.LogCaptureFixture) -> None:
     version = nyud.root.name.rstrip("0123456789")
-    with caplog.at_level(logging.INFO, logger="polytask.data.nyud"):
+    with caplog.at_level(logging.INFO, logger="polytask.data.datasets.nyud"):
         dm = NYUDDataModule(nyud.root)
     assert dm.version == version == detect_version(nyud.root)
     assert ("ATRC/InvPT" if version == "atrc" else "MTI-Net") in caplog.text

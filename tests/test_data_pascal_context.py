@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import Fixture, write_pascal_context
 
+from fixtures_data import Fixture, write_pascal_context
+from polytask.data.datasets.pascal_context import PascalContextDataModule, boundary_map
 from polytask.data.io import DataFileError
-from polytask.data.pascal_context import PascalContextDataModule, boundary_map
 from polytask.tasks import EdgeTask, NormalsTask, SaliencyTask, SegmentationTask
 
 # LabelMap and its boundaries as computed by the reference (cv2.Laplacian(LabelMap, CV_64F) and

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from fixtures_data import (
     write_celeba,
     write_folder,
@@ -16,9 +17,8 @@ from fixtures_data import (
     write_nyud,
     write_pascal_context,
 )
-
 from polytask.cli import main
-from polytask.data.check import registry
+from polytask.data.registry import registry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")

@@ -422,7 +422,7 @@ def _initial_state(config: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SynthScenes splits rendered once, before the processes start."""
-    from polytask.data.synthscenes import SynthScenes
+    from polytask.data.datasets.synthscenes import SynthScenes
 
     cache = tmp_path_factory.mktemp("cache")
     for split, size in (("train", NUM_TRAIN), ("val", NUM_VAL)):

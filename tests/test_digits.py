@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
-from polytask.data.digits import DigitPairs, DigitsDataModule
+from polytask.data.datasets.digits import DigitPairs, DigitsDataModule
 from polytask.tasks import ImageClassificationTask
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from polytask.config import instantiate
-from polytask.data.digits import DigitsDataModule
+from polytask.data.datasets.digits import DigitsDataModule
 from polytask.models import MODEL_REGISTRY, create_model
 from polytask.models.etr_nlp import (
     PRIMITIVES,

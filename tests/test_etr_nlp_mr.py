@@ -14,8 +14,8 @@ import yaml
 from torch import nn
 
 from polytask.config import instantiate
-from polytask.data.celeba import ATTRIBUTE_GROUPS
-from polytask.data.mtan import segmentation_tasks
+from polytask.data.datasets.celeba import ATTRIBUTE_GROUPS
+from polytask.data.datasets.mtan import segmentation_tasks
 from polytask.models.etr_nlp import (
     BlockBatchNorm,
     NLPBlock,

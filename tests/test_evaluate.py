@@ -15,16 +15,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from fixtures_data import write_mtan_nyuv2, write_nyud, write_pascal_context
 from PIL import Image
 
+from fixtures_data import write_mtan_nyuv2, write_nyud, write_pascal_context
 from polytask.cli.evaluate import main as evaluate_main
 from polytask.config import instantiate
-from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.datasets.mtan import NYUv2MTANDataModule
+from polytask.data.datasets.nyud import NYUDDataModule
+from polytask.data.datasets.pascal_context import PascalContextDataModule
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.data.io import mat_array
-from polytask.data.mtan import NYUv2MTANDataModule
-from polytask.data.nyud import NYUDDataModule
-from polytask.data.pascal_context import PascalContextDataModule
 from polytask.data.transforms import Pad
 from polytask.evaluation import MAX_DIST, BoundaryODSMetric, segmentation_boundaries
 from polytask.evaluation import evaluate as evaluate_module
@@ -87,7 +87,7 @@ def pascal_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PascalRun]:
         mp.chdir(base)
         mp.setenv("POLYTASK_CACHE", str(base / "cache"))
         cli = instantiate(overrides=[
-            "--data", "polytask.data.pascal_context.PascalContextDataModule", "--data.root", str(base / "data"),
+            "--data", "polytask.data.datasets.pascal_context.PascalContextDataModule", "--data.root", str(base / "data"),
             "--data.eval_size", json.dumps(list(EVAL_SIZE)), *TINY_MODEL,
             "--trainer.callbacks+=polytask.training.prediction_writer.PredictionWriter",
             "--trainer.callbacks.out_dir", str(base / "PRED"),

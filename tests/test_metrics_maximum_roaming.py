@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.metrics import (
     AttributeMetric,
     DepthMetric,
@@ -29,7 +30,6 @@ from polytask.metrics import (
     check_protocol,
     protocol_setting,
 )
-from polytask.data.datamodule import SynthScenesDataModule
 from polytask.metrics.maximum_roaming import median_as_numpy
 from polytask.models.baselines import HardSharing
 from polytask.tasks import build_task

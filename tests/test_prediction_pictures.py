@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from polytask.data.datamodule import SynthScenesDataModule
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.evaluation.prediction_io import read_prediction
 from polytask.models.baselines import HardSharing
 from polytask.tasks import Task, build_task

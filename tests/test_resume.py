@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from polytask.config import PolytaskCLI, config_cli
 from polytask.data.datamodule import ResumableLoader, ResumableSampler, SeededSamples
-from polytask.data.synthscenes import SynthScenes
+from polytask.data.datasets.synthscenes import SynthScenes
 from polytask.training.checkpoint import ResumableCheckpoint, check_plain, last_checkpoints, read_checkpoint
 from polytask.training.run_folder import assign_run_folder
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from polytask.cli import main
-from polytask.metrics import delta_m
 from polytask.cli.study import main as study_main
+from polytask.metrics import delta_m
 from polytask.study.report import load_runs, write_report
 from polytask.study.runner import run_study
 from polytask.study.spec import StudyError, load_study, parse_study, run_folder

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from polytask.data import synthscenes
-from polytask.data.synthscenes import (
+from polytask.data.datasets import synthscenes
+from polytask.data.datasets.synthscenes import (
     CLASS_NAMES,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from polytask.models import MODEL_REGISTRY, create_model
-from polytask.models.taskexpert import MMoELayer, StaticTaskExpert, TaskExpert
-from polytask.models.summary import summarize_model
 from polytask.cli.summary import main as summary_main
+from polytask.models import MODEL_REGISTRY, create_model
+from polytask.models.summary import summarize_model
+from polytask.models.taskexpert import MMoELayer, StaticTaskExpert, TaskExpert
 from polytask.tasks import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -20,11 +20,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
+from polytask.data.transforms import denormalize
 from polytask.models import HardSharing
 from polytask.tasks import AttributeTask, DepthTask, NormalsTask, SaliencyTask, SegmentationTask, build_task
 from polytask.training import MultiTaskModule, ValidationImages
-from polytask.data.transforms import denormalize
 from polytask.training.validation_images import PANEL_GAP, colorize_target, subsample_stride
 from polytask.viz import image_to_uint8
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from polytask.config import instantiate
-from polytask.data.datamodule import SynthScenesDataModule
+from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.models.taskexpert import TaskExpert
 from polytask.training.checkpoint import AtomicCheckpointIO, check_plain

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from polytask.data.check import check_dataset, registry
+from polytask.data.check import check_dataset
+from polytask.data.registry import registry
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from polytask.data.datamodule import build_datamodule
 from polytask.data.io import DataFileError
+from polytask.data.registry import build_datamodule
 from polytask.models.backbones import OFFLINE_HINT, pretrained_weights_problem
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import random
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from polytask.tasks import TASK_REGISTRY, Task, build_task, select_tasks
+from polytask.tasks import TASK_REGISTRY, Task, select_tasks
 
 
 def _mix(*values: int) -> int:
@@ -327,97 +326,3 @@ class MultiTaskDataModule(pl.LightningDataModule):
         folder = self.datasets.get("predict")
         if stage == "predict" and isinstance(folder, ImageFolder):
             print(folder.summary(), file=sys.stderr)
-
-
-class SynthScenesDataModule(MultiTaskDataModule):
-    """SynthScenes: the embedded procedurally generated dataset (no download).
-
-    Args:
-        tasks: subset of semseg, depth, normals, edge, sal, human_parts (default: all).
-        num_train: training scenes.
-        num_val: scenes of the validation split and of the test split (``test`` and ``predict`` use the latter).
-        image_size: ``(H, W)`` of rendered images.
-        seed: base seed; every scene is a deterministic function of (seed, split, index).
-        flip: random horizontal flips during training.
-        cache_dir: where rendered splits are cached (default ``$POLYTASK_CACHE`` or ``~/.cache/polytask``).
-        batch_size, eval_batch_size, num_workers: as in :class:`MultiTaskDataModule`.
-        kwargs: further options of :class:`MultiTaskDataModule` (``predict_dir``, ``predict_size``).
-    """
-
-    name = "synthscenes"
-
-    def __init__(
-        self,
-        tasks: Sequence[str] | None = None,
-        num_train: int = 2000,
-        num_val: int = 200,
-        image_size: tuple[int, int] = (96, 128),
-        seed: int = 0,
-        flip: bool = True,
-        cache_dir: str | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.num_train = num_train
-        self.num_val = num_val
-        self.image_size = tuple(image_size)
-        self.seed = seed
-        self.flip = flip
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, **kwargs)
-
-    def available_tasks(self) -> list[Task]:
-        from polytask.data.synthscenes import CLASS_NAMES, PART_NAMES
-
-        return [
-            build_task("semseg", num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES),
-            build_task("depth"),
-            build_task("normals"),
-            build_task("edge"),
-            build_task("sal"),
-            build_task("human_parts", num_classes=len(PART_NAMES), class_names=PART_NAMES),
-        ]
-
-    def default_loss_weights(self) -> Mapping[str, float]:
-        from polytask.data.synthscenes import DEFAULT_LOSS_WEIGHTS
-
-        return DEFAULT_LOSS_WEIGHTS
-
-    def prepare_data(self) -> None:
-        """Render the training and validation splits into the cache (once, before any worker starts)."""
-        for split in ("train", "val"):
-            self._dataset(split).prepare()
-
-    def make_dataset(self, split: str) -> Dataset:
-        from polytask.data.synthscenes import SynthScenes
-        from polytask.data.transforms import RandomHorizontalFlip, transform_kinds
-
-        train = split == "train"
-        return SynthScenes(
-            split="test" if split == "predict" else split,
-            num_samples=self.num_train if train else self.num_val,
-            image_size=self.image_size,
-            seed=self.seed,
-            tasks=self.task_names,
-            cache_dir=self.cache_dir,
-            transform=RandomHorizontalFlip(kinds=transform_kinds(self.tasks)) if (train and self.flip) else None,
-        )
-
-
-def datamodule_class(class_path: str) -> type[MultiTaskDataModule]:
-    """The datamodule class a config names (``polytask.data.SynthScenesDataModule``)."""
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def build_datamodule(data: Any) -> MultiTaskDataModule:
-    """The datamodule of a resolved config's ``data`` entry, ``{class_path, init_args}`` (a mapping or
-    a jsonargparse namespace), built alone: without the model the CLI would build with it.
-
-    Raises:
-        Whatever the datamodule's constructor raises (e.g. a missing dataset root).
-    """
-    plain = data.as_dict() if hasattr(data, "as_dict") else dict(data)
-    return datamodule_class(plain["class_path"])(**dict(plain.get("init_args") or {}))

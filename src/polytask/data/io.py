@@ -106,6 +106,12 @@ def read_resized_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(rgb)
 
 
+def normals_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Unit normals stored as an RGB image: uint8 ``(H, W, 3)`` -> float32 ``(H, W, 3)`` in [-1, 1]
+    (``n = 2 * value / 255 - 1``, the encoding of the NYUD, PASCAL-Context and folder formats)."""
+    return 2.0 * rgb.astype(np.float32) / 255.0 - 1.0
+
+
 def read_png(path: Path, channels: int) -> np.ndarray:
     """The raw values of an image file (palette indices, not colours): ``(H, W)`` for 1 channel, ``(H, W, C)`` else.
 

@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.progress import Progress
 from torchmetrics import Metric
 
-from polytask.data.check import registry
 from polytask.data.io import DataFileError, FileDataset, read_lines
+from polytask.data.registry import registry
 from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
 from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
 from polytask.metrics import MetricProtocol, check_protocol, protocol_setting

@@ -14,11 +14,8 @@ import yaml
 from jsonargparse import Namespace
 from torch.utils.data import Dataset
 
-from polytask.data.datamodule import (
-    MultiTaskDataModule,
-    build_datamodule,
-    datamodule_class,
-)
+from polytask.data.datamodule import MultiTaskDataModule
+from polytask.data.registry import build_datamodule, datamodule_class
 from polytask.models.base import MultiTaskNet
 from polytask.profiling.timing import error_line
 from polytask.tasks import Task

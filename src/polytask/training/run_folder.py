@@ -121,7 +121,7 @@ def run_name(config: Any) -> str:
     name = _get(config, "run_name")
     if name:
         return str(name)
-    from polytask.data.datamodule import datamodule_class
+    from polytask.data.registry import datamodule_class
 
     data, net = _get(config, "data"), _get(_get(_get(config, "model"), "init_args"), "net")
     return default_run_name(datamodule_class(_get(data, "class_path")).name, _get(net, "class_path", "net"))

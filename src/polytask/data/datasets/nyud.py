@@ -28,7 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from polytask.data.check import FileDataModule
+from polytask.constants import IGNORE_INDEX
+from polytask.data.file_datamodule import FileDataModule
 from polytask.data.io import (
     DataFile,
     DataFileError,
@@ -36,13 +37,13 @@ from polytask.data.io import (
     as_2d,
     check_same_size,
     image_tensor,
+    normals_from_rgb,
     read_lines,
     read_npy,
     read_png,
     read_rgb,
 )
 from polytask.data.transforms import check_size, eval_transform, train_transform
-from polytask.constants import IGNORE_INDEX
 from polytask.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class NYUD(FileDataset):
                 raise DataFileError(path, "format", f"expected normals of shape (H, W, 3), found {normals.shape}")
             check_same_size(normals.shape, shape, path)
             if path.suffix == ".png":
-                normals = 2.0 * normals.astype(np.float32) / 255.0 - 1.0
+                normals = normals_from_rgb(normals)
             return torch.from_numpy(np.ascontiguousarray(normals.astype(np.float32).transpose(2, 0, 1)))
         if task == "edge":
             edge = read_png(path, 1).astype(np.float32) / 255.0 if path.suffix == ".png" else as_2d(read_npy(path), path)
@@ -179,7 +180,9 @@ class NYUDDataModule(FileDataModule):
         tasks: subset of :data:`TASKS` (default: all).
         train_size: ``(h, w)`` of training crops (default: 448x576 for ``atrc``, 480x640 for ``mti-net``).
         eval_size: ``(h, w)`` evaluation images are padded to (default: as ``train_size``).
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
 
     Raises:
         DataFileError: ``root`` holds neither version.
@@ -190,20 +193,16 @@ class NYUDDataModule(FileDataModule):
     def __init__(
         self,
         root: str | Path,
-        tasks: Sequence[str] | None = None,
         train_size: tuple[int, int] | None = None,
         eval_size: tuple[int, int] | None = None,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         self.version: NYUDVersion = detect_version(Path(root).expanduser())
         log.info("NYUD root %s holds %s", root, VERSION_DESCRIPTIONS[self.version])
         self.train_size = check_size(train_size, "train_size") or VERSION_SIZES[self.version]
         self.eval_size = check_size(eval_size, "eval_size") or self.train_size
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from polytask.data.check import FileDataModule
-from polytask.ops.thinning import thin
+from polytask.constants import IGNORE_INDEX
+from polytask.data.file_datamodule import FileDataModule
 from polytask.data.io import (
     DataFile,
     DataFileError,
@@ -44,13 +44,14 @@ from polytask.data.io import (
     check_same_size,
     image_tensor,
     mat_array,
+    normals_from_rgb,
     read_lines,
     read_mat,
     read_png,
     read_rgb,
 )
 from polytask.data.transforms import check_size, eval_transform, train_transform
-from polytask.constants import IGNORE_INDEX
+from polytask.ops.thinning import thin
 from polytask.tasks import Task, build_task
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -103,7 +104,7 @@ def normals_from_png(rgb: np.ndarray, label_map: np.ndarray) -> np.ndarray:
 
     ``n = 2 * value / 255 - 1`` on pixels of a class in :data:`NORMALS_VALID_CLASSES`, 0 elsewhere.
     """
-    normals = 2.0 * rgb.astype(np.float32) / 255.0 - 1.0
+    normals = normals_from_rgb(rgb)
     valid = np.isin(label_map, np.fromiter(NORMALS_VALID_CLASSES, dtype=np.int64))
     normals[~valid] = 0.0
     return np.ascontiguousarray(normals.transpose(2, 0, 1))
@@ -238,7 +239,9 @@ class PascalContextDataModule(FileDataModule):
         tasks: subset of :data:`TASKS` (default: all).
         train_size: ``(h, w)`` of training crops.
         eval_size: ``(h, w)`` evaluation images are padded to.
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
     """
 
     name = "pascal_context"
@@ -246,18 +249,14 @@ class PascalContextDataModule(FileDataModule):
     def __init__(
         self,
         root: str | Path,
-        tasks: Sequence[str] | None = None,
         train_size: tuple[int, int] = (512, 512),
         eval_size: tuple[int, int] = (512, 512),
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         self.train_size = check_size(train_size, "train_size")
         self.eval_size = check_size(eval_size, "eval_size")
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

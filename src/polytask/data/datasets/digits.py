@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.datamodule import MultiTaskDataModule
-from polytask.tasks import ImageClassificationTask
+from polytask.tasks import ImageClassificationTask, Task
 
 TASK_CLASSES: dict[str, int] = {"left": 10, "right": 10, "parity": 2, "compare": 3}
 SPLIT_FRACTIONS: dict[str, tuple[float, float]] = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
@@ -109,7 +109,9 @@ class DigitsDataModule(MultiTaskDataModule):
         num_val: pairs of the validation split and of the test split (``predict`` uses the test split).
         scale: upsampling factor of each digit (4: images of 32x64).
         seed: seed of the pools and pairs.
-        batch_size, eval_batch_size, num_workers: as in :class:`MultiTaskDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.datamodule.MultiTaskDataModule` (``eval_batch_size``,
+            ``num_workers``, ``predict_dir``, ``predict_size``).
     """
 
     name = "digits"
@@ -122,14 +124,13 @@ class DigitsDataModule(MultiTaskDataModule):
         scale: int = 4,
         seed: int = 0,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         self.num_train = num_train
         self.num_val = num_val
         self.scale = scale
         self.seed = seed
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers)
+        super().__init__(tasks=tasks, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [ImageClassificationTask(name, classes) for name, classes in TASK_CLASSES.items()]

@@ -32,10 +32,10 @@ from __future__ import annotations
 import colorsys
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from polytask.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from polytask.data.datamodule import MultiTaskDataModule
+from polytask.data.transforms import RandomHorizontalFlip, transform_kinds
+from polytask.tasks import Task, build_task
 
 CLASS_NAMES: tuple[str, ...] = ("floor", "wall", "ceiling", "sphere", "box", "cylinder")
 PART_NAMES: tuple[str, ...] = ("background", "top", "front", "side")
@@ -711,3 +714,72 @@ class SynthScenes(Dataset):
                 sample[task] = torch.from_numpy(np.array(record["human_parts"], dtype=np.int64))
         sample["meta"] = {"id": f"{self.split}_{index:06d}", "size": self.image_size}
         return self.transform(sample) if self.transform is not None else sample
+
+
+class SynthScenesDataModule(MultiTaskDataModule):
+    """SynthScenes: the embedded procedurally generated dataset (no download).
+
+    Args:
+        tasks: subset of semseg, depth, normals, edge, sal, human_parts (default: all).
+        num_train: training scenes.
+        num_val: scenes of the validation split and of the test split (``test`` and ``predict`` use the latter).
+        image_size: ``(H, W)`` of rendered images.
+        seed: base seed; every scene is a deterministic function of (seed, split, index).
+        flip: random horizontal flips during training.
+        cache_dir: where rendered splits are cached (default ``$POLYTASK_CACHE`` or ``~/.cache/polytask``).
+        batch_size: images per training batch.
+        kwargs: further options of :class:`MultiTaskDataModule` (``eval_batch_size``, ``num_workers``,
+            ``predict_dir``, ``predict_size``).
+    """
+
+    name = "synthscenes"
+
+    def __init__(
+        self,
+        tasks: Sequence[str] | None = None,
+        num_train: int = 2000,
+        num_val: int = 200,
+        image_size: tuple[int, int] = (96, 128),
+        seed: int = 0,
+        flip: bool = True,
+        cache_dir: str | None = None,
+        batch_size: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        self.num_train = num_train
+        self.num_val = num_val
+        self.image_size = tuple(image_size)
+        self.seed = seed
+        self.flip = flip
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        super().__init__(tasks=tasks, batch_size=batch_size, **kwargs)
+
+    def available_tasks(self) -> list[Task]:
+        return [
+            build_task("semseg", num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES),
+            build_task("depth"),
+            build_task("normals"),
+            build_task("edge"),
+            build_task("sal"),
+            build_task("human_parts", num_classes=len(PART_NAMES), class_names=PART_NAMES),
+        ]
+
+    def default_loss_weights(self) -> Mapping[str, float]:
+        return DEFAULT_LOSS_WEIGHTS
+
+    def prepare_data(self) -> None:
+        """Render the training and validation splits into the cache (once, before any worker starts)."""
+        for split in ("train", "val"):
+            self._dataset(split).prepare()
+
+    def make_dataset(self, split: str) -> Dataset:
+        train = split == "train"
+        return SynthScenes(
+            split="test" if split == "predict" else split,
+            num_samples=self.num_train if train else self.num_val,
+            image_size=self.image_size,
+            seed=self.seed,
+            tasks=self.task_names,
+            cache_dir=self.cache_dir,
+            transform=RandomHorizontalFlip(kinds=transform_kinds(self.tasks)) if (train and self.flip) else None,
+        )

@@ -34,13 +34,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
-from polytask.data.check import FileDataModule
+from polytask.data.file_datamodule import FileDataModule
 from polytask.data.io import (
     DataFile,
     DataFileError,
@@ -48,6 +48,7 @@ from polytask.data.io import (
     as_2d,
     check_same_size,
     image_tensor,
+    normals_from_rgb,
     read_lines,
     read_npy,
     read_png,
@@ -210,7 +211,7 @@ class FolderDataset(FileDataset):
         """Normals float32 ``(3, H, W)`` from an RGB PNG or an ``(H, W, 3)`` ``.npy``."""
         if is_png:
             rgb = read_png(path, 3)
-            normals = 2.0 * rgb.astype(np.float32) / 255.0 - 1.0
+            normals = normals_from_rgb(rgb)
             normals[(rgb == 0).all(axis=2)] = 0.0
         else:
             normals = read_npy(path).astype(np.float32)
@@ -228,7 +229,9 @@ class FolderDataModule(FileDataModule):
         train_size: ``(h, w)`` of training crops (ATRC augmentation) or padding (without it).
         eval_size: ``(h, w)`` evaluation images are padded to (default: ``train_size``).
         augment: train with the ATRC / InvPT augmentation (else normalise and pad only).
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
 
     Raises:
         DataFileError: ``polytask.yaml`` is missing or malformed.
@@ -239,14 +242,10 @@ class FolderDataModule(FileDataModule):
     def __init__(
         self,
         root: str | Path,
-        tasks: Sequence[str] | None = None,
         train_size: tuple[int, int] = (512, 512),
         eval_size: tuple[int, int] | None = None,
         augment: bool = True,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         self.spec = read_spec(Path(root).expanduser())
@@ -256,7 +255,7 @@ class FolderDataModule(FileDataModule):
         self.disk_splits = tuple(self.spec.splits)
         fallback = "test" if "test" in self.spec.splits else "val"
         self.stage_splits = {"train": "train", "val": "val", "test": fallback, "predict": fallback}
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     @property
     def spec_path(self) -> Path:

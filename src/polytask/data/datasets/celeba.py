@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from polytask.data.check import FileDataModule
+from polytask.data.file_datamodule import FileDataModule
 from polytask.data.io import DataFile, DataFileError, FileDataset, image_tensor, read_resized_rgb, require_file
 from polytask.data.transforms import eval_transform
 from polytask.tasks import Task, build_task
@@ -199,7 +199,9 @@ class CelebADataModule(FileDataModule):
         root: the CelebA directory (see the module docstring).
         tasks: subset of the groups (default: all 8).
         image_size: short side of the resized images (64 -> 64x78).
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
 
     Raises:
         DataFileError: the layout is incomplete or the attribute header is malformed.
@@ -212,12 +214,8 @@ class CelebADataModule(FileDataModule):
     def __init__(
         self,
         root: str | Path,
-        tasks: Sequence[str] | None = None,
         image_size: int = 64,
         batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         self.layout = find_layout(Path(root).expanduser())
@@ -225,7 +223,7 @@ class CelebADataModule(FileDataModule):
         self.image_size = image_size
         self._table: AttributeTable | None = None
         self._partition: dict[str, int] | None = None
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [

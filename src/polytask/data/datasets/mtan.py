@@ -33,10 +33,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from polytask.data.check import FileDataModule
+from polytask.constants import IGNORE_INDEX
+from polytask.data.file_datamodule import FileDataModule
 from polytask.data.io import DataFile, DataFileError, FileDataset, as_2d, check_same_size, image_tensor, read_npy
 from polytask.data.transforms import eval_transform
-from polytask.constants import IGNORE_INDEX
 from polytask.tasks import Task, build_task
 
 TaskSplit = Literal["multiclass", "binary"]
@@ -195,7 +195,9 @@ class NYUv2MTANDataModule(_MTANDataModule):
         root: the folder holding ``train/`` and ``val/``.
         task_split: ``multiclass`` (``semseg``) or ``binary`` (``seg_<class>`` per class).
         tasks: subset of the tasks of the split (default: all).
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
     """
 
     name = "nyuv2_mtan"
@@ -205,15 +207,11 @@ class NYUv2MTANDataModule(_MTANDataModule):
         self,
         root: str | Path,
         task_split: TaskSplit = "multiclass",
-        tasks: Sequence[str] | None = None,
         batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         self.task_split = task_split
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [*segmentation_tasks(self.class_names, self.task_split), build_task("depth"), build_task("normals")]
@@ -229,7 +227,9 @@ class CityscapesMTANDataModule(_MTANDataModule):
         num_classes: 7 (``label_7/`` or ``label/``) or 19 (``label_19/``).
         task_split: ``multiclass`` (``semseg``) or ``binary`` (``seg_<class>`` per class).
         tasks: subset of the tasks of the split (default: all).
-        batch_size, eval_batch_size, num_workers, on_bad_samples: as in :class:`FileDataModule`.
+        batch_size: images per training batch.
+        kwargs: further options of :class:`~polytask.data.file_datamodule.FileDataModule` (``tasks``,
+            ``eval_batch_size``, ``num_workers``, ``on_bad_samples``, ``predict_dir``, ``predict_size``).
     """
 
     name = "cityscapes_mtan"
@@ -239,11 +239,7 @@ class CityscapesMTANDataModule(_MTANDataModule):
         root: str | Path,
         num_classes: Literal[7, 19] = 7,
         task_split: TaskSplit = "multiclass",
-        tasks: Sequence[str] | None = None,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        on_bad_samples: Literal["error", "skip"] = "error",
         **kwargs: Any,
     ) -> None:
         if num_classes not in (7, 19):
@@ -252,7 +248,7 @@ class CityscapesMTANDataModule(_MTANDataModule):
         self.class_names = CITYSCAPES_7_CLASSES if num_classes == 7 else CITYSCAPES_19_CLASSES
         self.label_candidates = ("label_7", "label") if num_classes == 7 else ("label_19",)
         self.task_split = task_split
-        super().__init__(root, tasks, batch_size, eval_batch_size, num_workers, on_bad_samples, **kwargs)
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
 
     def available_tasks(self) -> list[Task]:
         return [*segmentation_tasks(self.class_names, self.task_split), build_task("depth")]
