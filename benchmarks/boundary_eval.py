@@ -23,8 +23,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from polytask.evaluation import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, seism_nms, thin
+from polytask.evaluation import BoundaryEvaluator, segmentation_boundaries, seism_nms, thin
 from polytask.evaluation.correspondence import PixelMatcher, match_radius
+from polytask.evaluation.evaluate import boundary_protocols
 
 
 def synthetic_pair(rng: np.random.Generator, height: int = 425, width: int = 560) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--dataset", choices=sorted(MAX_DIST), default="nyud")
+    parser.add_argument("--dataset", choices=sorted(boundary_protocols()), default="nyud", help="whose SEISM tolerance to use")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ref-images", type=int, default=5, help="images matched with pyedgeeval (0: skip)")
     parser.add_argument("--ref-every", type=int, default=10, help="use every n-th threshold for pyedgeeval")
@@ -102,7 +103,7 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     pairs = [synthetic_pair(rng) for _ in range(args.images)]
-    max_dist = MAX_DIST[args.dataset]
+    max_dist = boundary_protocols()[args.dataset].max_dist
 
     single = BoundaryEvaluator(max_dist)
     start, start_cpu = time.perf_counter(), _cpu_seconds()

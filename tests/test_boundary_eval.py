@@ -9,7 +9,6 @@ from PIL import Image
 from scipy import ndimage
 
 from polytask.evaluation import (
-    MAX_DIST,
     MTINET_THRESHOLDS,
     SEISM_THRESHOLDS,
     BoundaryEvaluator,
@@ -25,6 +24,10 @@ from polytask.evaluation import (
 )
 from polytask.evaluation.boundary import BoundaryCounts, average_precision, summarize_images
 from polytask.evaluation.correspondence import PixelMatcher, match_radius
+from polytask.evaluation.evaluate import boundary_protocols
+
+MAX_DIST = {name: protocol.max_dist for name, protocol in boundary_protocols().items()}
+"""The SEISM tolerances the datasets declare (their datamodules' ``boundary_protocol``)."""
 
 
 def _structured_pair(rng: np.random.Generator, h: int = 60, w: int = 80) -> tuple[np.ndarray, np.ndarray]:

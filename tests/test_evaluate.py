@@ -7,7 +7,7 @@ import functools
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ from polytask.data.datasets.nyud import NYUDDataModule
 from polytask.data.datasets.pascal_context import PascalContextDataModule
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.data.io import mat_array
+from polytask.data.protocols import id_list_sha256
 from polytask.data.transforms import Pad
-from polytask.evaluation import MAX_DIST, BoundaryODSMetric, segmentation_boundaries
-from polytask.evaluation import evaluate as evaluate_module
-from polytask.evaluation.evaluate import evaluate_predictions, id_list_sha256
+from polytask.evaluation import BoundaryODSMetric, segmentation_boundaries
+from polytask.evaluation.evaluate import evaluate_predictions
 from polytask.evaluation.prediction_io import quantize_prediction, read_prediction, write_prediction
 from polytask.models.baselines import HardSharing
 from polytask.tasks import EdgeTask, SaliencyTask, Task
@@ -110,7 +110,7 @@ def _quantised_in_memory(run: PascalRun, legacy_sigmoid: bool = False) -> dict[s
     results = {}
     for task in run.tasks:
         metric = SaliencyTask(task.name, legacy_sigmoid).make_metric() if isinstance(task, SaliencyTask) else task.make_metric()
-        seism = BoundaryODSMetric(MAX_DIST["pascal_context"]) if isinstance(task, EdgeTask) else None
+        seism = BoundaryODSMetric(PascalContextDataModule.boundary_protocol.max_dist) if isinstance(task, EdgeTask) else None
         for preds, targets, ids in run.capture.batches:
             metric.update(quantize_prediction(task, preds[task.name]), targets[task.name])
             if seism is not None:  # SEISM scores against seg2bmap(LabelMap), not the training target
@@ -172,7 +172,7 @@ def test_boundary_subsets(pascal_run: PascalRun, tmp_path: Path, monkeypatch: py
     assert report.settings["boundary"]["subset"] == "custom" and report.settings["boundary"]["n_images"] == 1
     (edge,) = [t for t in pascal_run.tasks if isinstance(t, EdgeTask)]
     label_map = mat_array(pascal_run.root / "pascal-context" / "trainval" / "2008_000005.mat", "LabelMap")
-    metric = BoundaryODSMetric(MAX_DIST["pascal_context"])
+    metric = BoundaryODSMetric(PascalContextDataModule.boundary_protocol.max_dist)
     metric.update(read_prediction(pascal_run.pred_dir, edge, "2008_000005", (40, 48))[None], seism_target(label_map))
     assert report.results["edge"]["odsF"] == pytest.approx(float(metric.compute()["odsF"]), rel=1e-12)
 
@@ -189,7 +189,9 @@ def test_boundary_subsets(pascal_run: PascalRun, tmp_path: Path, monkeypatch: py
 
     # a list with the recorded SEISM hash is named test_new
     ids_file.write_text("2008_000005\n")
-    monkeypatch.setattr(evaluate_module, "SEISM_TEST_NEW_SHA256", id_list_sha256(["2008_000005"]))
+    protocol = PascalContextDataModule.boundary_protocol
+    one_id = replace(protocol.test_new, sha256=id_list_sha256(["2008_000005"]))
+    monkeypatch.setattr(PascalContextDataModule, "boundary_protocol", replace(protocol, test_new=one_id))
     assert evaluate_main([*args, "--boundary-subset", "test_new", "--boundary-ids", str(ids_file)]) == 0
     assert "subset test_new (1 of 2 ids" in capsys.readouterr().out.replace("\n", " ")
 
@@ -235,7 +237,7 @@ def test_nyud_hand_built_predictions(tmp_path: Path, one_thread: None) -> None:
     dataset = module.build_split("val", module.tasks)
     g = torch.Generator().manual_seed(3)
     metrics = {t.name: t.make_metric() for t in module.tasks}
-    seism = BoundaryODSMetric(MAX_DIST["nyud"])
+    seism = BoundaryODSMetric(NYUDDataModule.boundary_protocol.max_dist)
     present = set()
     for index, sample_id in enumerate(dataset.ids):
         depth_format = ("npy", "png16")[index % 2]

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.data.io import DataFileError, FileDataset
 from polytask.data.problems import BrokenDatasetError, Problem, cached_quick_check
+from polytask.data.protocols import BoundaryProtocol
 from polytask.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,18 @@ class FileDataModule(MultiTaskDataModule):
     :class:`MultiTaskDataModule`), and list their on-disk splits in ``disk_splits`` and the split
     each stage split reads in ``stage_splits``.
 
+    What ``polytask evaluate`` needs to know of the dataset's published protocols is declared in
+    class attributes (read from the class, found by name in :func:`polytask.data.registry.registry`):
+
+    * ``prediction_files``: its tasks' predictions can be saved as files (each has a
+      :attr:`~polytask.tasks.Task.prediction_format`), so ``polytask evaluate`` can score them.
+    * ``boundary_protocol``: how its published results score boundaries with SEISM
+      (:class:`~polytask.data.protocols.BoundaryProtocol`); None: by the training monitor F_tol only.
+    * ``maximum_roaming_batch_size``: the batch size of the evaluation loop of Maximum Roaming's
+      scripts on the dataset (their ``--batch_size`` default); ``--protocol maximum_roaming``
+      averages over batches of that many consecutive files, as they do. None: that protocol is
+      not defined for the dataset's files.
+
     Args:
         root: the dataset directory.
         on_bad_samples: what ``setup()`` does when the quick check finds bad samples: ``error``
@@ -47,6 +60,9 @@ class FileDataModule(MultiTaskDataModule):
 
     disk_splits: ClassVar[tuple[str, ...]] = ("train", "val")
     stage_splits: ClassVar[dict[str, str]] = {"train": "train", "val": "val", "test": "val", "predict": "val"}
+    prediction_files: ClassVar[bool] = True
+    boundary_protocol: ClassVar[BoundaryProtocol | None] = None
+    maximum_roaming_batch_size: ClassVar[int | None] = None
 
     def __init__(
         self,

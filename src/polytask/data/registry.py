@@ -15,7 +15,7 @@ from polytask.data.file_datamodule import FileDataModule
 
 
 def registry() -> dict[str, type[FileDataModule]]:
-    """The datamodules ``polytask data check`` knows, by dataset name."""
+    """The datamodules ``polytask data check`` and ``polytask evaluate`` know, by dataset name."""
     modules: list[type[FileDataModule]] = [
         PascalContextDataModule,
         NYUDDataModule,

@@ -1,7 +1,6 @@
 """Offline evaluation of saved predictions: SEISM-equivalent boundary odsF / oisF / AP."""
 
 from polytask.evaluation.boundary import (
-    MAX_DIST,
     MTINET_THRESHOLDS,
     SEISM_THRESHOLDS,
     BoundaryCounts,
@@ -17,7 +16,6 @@ from polytask.ops.thinning import thin
 from polytask.evaluation.edge_nms import edge_nms, edge_orientation, seism_nms
 
 __all__ = [
-    "MAX_DIST",
     "MTINET_THRESHOLDS",
     "SEISM_THRESHOLDS",
     "BoundaryCounts",

@@ -42,9 +42,6 @@ from polytask.evaluation.edge_nms import seism_nms
 from polytask.constants import IGNORE_INDEX
 from polytask.metrics._common import synced_states
 
-#: Matching tolerance as a fraction of the image diagonal (InvPT/ATRC/ASTMT protocol).
-MAX_DIST: dict[str, float] = {"pascal_context": 0.0075, "nyud": 0.011}
-
 #: SEISM ``parameters/HED.txt``: 0.001, 0.01, 0.02, ..., 0.99, 0.999 (101 values).
 SEISM_THRESHOLDS: tuple[float, ...] = (0.001, *(k / 100 for k in range(1, 100)), 0.999)
 
@@ -347,7 +344,8 @@ class BoundaryEvaluator:
     ``BoundaryEvaluator(max_dist, MTINET_THRESHOLDS, nms=False, strict=False, gt_labels=True)``.
 
     Args:
-        max_dist: matching tolerance as a fraction of the image diagonal (see ``MAX_DIST``).
+        max_dist: matching tolerance as a fraction of the image diagonal (a dataset's is its
+            datamodule's ``boundary_protocol.max_dist``, :class:`polytask.data.protocols.BoundaryProtocol`).
         thresholds: the thresholds or their number ``K`` (then
             ``linspace(1/(K+1), K/(K+1), K)``); default SEISM's HED list.
         nms: apply the orientation NMS (:func:`.edge_nms.seism_nms`) before thresholding.
@@ -500,7 +498,8 @@ class BoundaryODSMetric(Metric):
     evaluate` on the same images, also across processes.
 
     Args:
-        max_dist: matching tolerance as a fraction of the image diagonal (see ``MAX_DIST``).
+        max_dist: matching tolerance as a fraction of the image diagonal (a dataset's is its
+            datamodule's ``boundary_protocol.max_dist``, :class:`polytask.data.protocols.BoundaryProtocol`).
         thresholds, nms, strict: as in :class:`BoundaryEvaluator`.
         gt_labels: take the target's boundaries with :func:`segmentation_boundaries` (as
             SEISM does with the NYUD-v2 edge PNG) instead of its boundary pixels.

@@ -4,15 +4,20 @@ Ground truth is read by the dataset readers at the original resolution (no trans
 predictions by :mod:`polytask.evaluation.prediction_io`. Every task is scored by the metric its
 :class:`~polytask.tasks.Task` builds for in-memory evaluation (saliency with the chosen
 ``legacy_sigmoid``), and boundaries additionally by the SEISM-equivalent
-:class:`~polytask.evaluation.boundary.BoundaryEvaluator` (odsF / oisF / AP) with the dataset's
-``MAX_DIST``, on the chosen boundary subset.
+:class:`~polytask.evaluation.boundary.BoundaryEvaluator` (odsF / oisF / AP) as the dataset's
+:class:`~polytask.data.protocols.BoundaryProtocol` says, on the chosen boundary subset.
+
+What depends on the dataset is declared by its datamodule class (``prediction_files``,
+``boundary_protocol``, ``maximum_roaming_batch_size``; see
+:class:`~polytask.data.file_datamodule.FileDataModule`), found by name in
+:func:`polytask.data.registry.registry`.
 
 Segmentation tasks also get their per-class IoU under the split-level protocol, keyed by the class
 names of the task the dataset builds (e.g. the ``classes`` of a folder dataset's ``polytask.yaml``).
 
 ``protocol="maximum_roaming"`` scores with the metrics of Maximum Roaming's scripts instead
 (:mod:`polytask.metrics.maximum_roaming`), fed the split in file order in batches of the
-scripts' batch size (:data:`MAXIMUM_ROAMING_BATCH_SIZE`), as their evaluation loops are.
+scripts' batch size (the datamodule's ``maximum_roaming_batch_size``), as their evaluation loops are.
 
 All prediction files are checked (presence, format, size) before anything is scored; every
 problem is listed by file name and the command exits with status 1 without results. A folder of
@@ -22,7 +27,6 @@ the prediction directory that names no task of the dataset (other than the Predi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,34 +39,32 @@ from rich.progress import Progress
 from torchmetrics import Metric
 
 from polytask.data.io import DataFileError, FileDataset, read_lines
+from polytask.data.protocols import BoundaryProtocol
 from polytask.data.registry import registry
-from polytask.evaluation.boundary import MAX_DIST, BoundaryEvaluator, segmentation_boundaries, summarize_images
+from polytask.evaluation.boundary import BoundaryEvaluator, segmentation_boundaries, summarize_images
 from polytask.evaluation.prediction_io import PredictionFileError, probe_prediction, read_prediction
 from polytask.metrics import MetricProtocol, check_protocol, protocol_setting
 from polytask.tasks import Task
 
-DATASETS: tuple[str, ...] = ("pascal_context", "nyud", "nyuv2_mtan", "cityscapes_mtan", "folder")
-
-#: Batch size of the evaluation loops of Maximum Roaming's scripts (their ``--batch_size``
-#: default, shared by training and evaluation): ``nyuv2/train_*.py`` 2, ``cityscapes/train_*.py``
-#: 8. (CelebA's 256 applies in memory only: attribute predictions have no file format.)
-MAXIMUM_ROAMING_BATCH_SIZE: dict[str, int] = {"nyuv2_mtan": 2, "cityscapes_mtan": 8}
+#: The datasets whose predictions can be scored from files (datamodule ``prediction_files``), in registry order.
+DATASETS: tuple[str, ...] = tuple(name for name, module_class in registry().items() if module_class.prediction_files)
 BoundarySubset = Literal["all", "test_new"]
 
 #: Folders of a prediction directory that hold no task's predictions: the pictures the
 #: PredictionWriter draws next to the prediction files (``PRED/pictures/<id>.png``).
 NON_TASK_FOLDERS: frozenset[str] = frozenset({"pictures"})
 
-#: SHA-256 of SEISM's ``src/gt_wrappers/gt_sets/PASCALContext/test_new.txt`` (2,498 val ids, sorted,
-#: one per line with a final newline), to recognise the list without shipping it.
-SEISM_TEST_NEW_SHA256 = "1998ea178a4683c851a7db0c5c6d41dcbc026e9502d4a6f10bb3668862cff0ce"
-SEISM_TEST_NEW_SIZE = 2498
 
-#: What SEISM's boundary ground truth is made from, per dataset (see :meth:`FileDataset.seism_label_map`).
-SEISM_GROUND_TRUTH: dict[str, str] = {
-    "pascal_context": "seg2bmap(LabelMap)",
-    "nyud": "seg2bmap(edge map)",
-}
+def boundary_protocols() -> dict[str, BoundaryProtocol]:
+    """The SEISM boundary protocol of each dataset of :data:`DATASETS` that declares one, by name."""
+    declared = {name: registry()[name].boundary_protocol for name in DATASETS}
+    return {name: protocol for name, protocol in declared.items() if protocol is not None}
+
+
+def maximum_roaming_batch_sizes() -> dict[str, int]:
+    """Maximum Roaming's batch size of each dataset of :data:`DATASETS` that declares one, by name."""
+    declared = {name: registry()[name].maximum_roaming_batch_size for name in DATASETS}
+    return {name: size for name, size in declared.items() if size is not None}
 
 
 class EvaluationSetupError(ValueError):
@@ -74,11 +76,6 @@ def saliency_setting(legacy_sigmoid: bool) -> str:
     if legacy_sigmoid:
         return "sal maxF: legacy_sigmoid=on (sigmoid applied to the probabilities first, as the InvPT-family evaluations do)"
     return "sal maxF: legacy_sigmoid=off (probabilities thresholded as they are)"
-
-
-def id_list_sha256(ids: Sequence[str]) -> str:
-    """SHA-256 of the sorted unique ids, one per line with a final newline."""
-    return hashlib.sha256(("\n".join(sorted(set(ids))) + "\n").encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,31 +107,36 @@ def boundary_selection(
 ) -> BoundarySelection:
     """Resolve ``--boundary-subset`` and ``--boundary-ids``.
 
+    ``test_new`` is the subset of the dataset's :class:`~polytask.data.protocols.BoundaryProtocol`:
+
     * ``all`` without a file: every id of the split.
-    * an id file: those ids; named ``test_new`` when the file is SEISM's PASCAL ``test_new``
-      list (checked by :data:`SEISM_TEST_NEW_SHA256`), ``custom`` otherwise.
-    * ``test_new`` on PASCAL-Context: needs SEISM's list as the id file.
-    * ``test_new`` on NYUD: SEISM's NYUD ``test_new`` holds every val image, so all val ids.
+    * an id file: those ids; named ``test_new`` when the file is the protocol's published
+      ``test_new`` list (recognised by its hash: SEISM's PASCAL-Context list), ``custom`` otherwise.
+    * ``test_new`` where the protocol publishes a list: needs that list as the id file.
+    * ``test_new`` where it does not (SEISM's NYUD ``test_new`` holds every val image): all val ids.
 
     Raises:
-        EvaluationSetupError: ``test_new`` on another split, a PASCAL ``test_new`` without
-            SEISM's list, an unreadable or empty id file, or ids not in the split.
+        EvaluationSetupError: ``test_new`` on a dataset without a boundary protocol or on another
+            split, ``test_new`` without the published list, an unreadable or empty id file, or ids
+            not in the split.
     """
-    if subset == "test_new" and dataset_name not in SEISM_GROUND_TRUTH:
+    protocols = boundary_protocols()
+    if subset == "test_new" and dataset_name not in protocols:
         raise EvaluationSetupError(
-            f"boundary subset test_new is SEISM's list of {sorted(SEISM_GROUND_TRUTH)}, not of {dataset_name!r}; "
+            f"boundary subset test_new is SEISM's list of {sorted(protocols)}, not of {dataset_name!r}; "
             "pass --boundary-ids FILE to score the boundaries of a subset"
         )
     if subset == "test_new" and split != "val":
         raise EvaluationSetupError(f"boundary subset test_new is part of the val split, not of {split!r}")
+    published = protocols[dataset_name].test_new if dataset_name in protocols else None
     if ids_file is None:
         if subset == "all":
             return BoundarySelection("all")
-        if dataset_name == "nyud":
+        if published is None:
             return BoundarySelection("test_new")
         raise EvaluationSetupError(
-            "PASCAL-Context boundary subset test_new needs its id list: pass --boundary-ids "
-            "seism/src/gt_wrappers/gt_sets/PASCALContext/test_new.txt (see docs/evaluation.md)"
+            f"{published.dataset_title} boundary subset test_new needs its id list: pass --boundary-ids "
+            f"{published.path} (see docs/evaluation.md)"
         )
     try:
         ids = read_lines(ids_file)
@@ -146,11 +148,11 @@ def boundary_selection(
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
         raise EvaluationSetupError(f"--boundary-ids: {ids_file} lists {len(outside)} id(s) not in the {split} split: {shown}")
-    seism = dataset_name == "pascal_context" and id_list_sha256(ids) == SEISM_TEST_NEW_SHA256
-    if subset == "test_new" and dataset_name == "pascal_context" and not seism:
+    seism = published is not None and published.matches(ids)
+    if subset == "test_new" and published is not None and not seism:
         raise EvaluationSetupError(
-            f"--boundary-ids: {ids_file} ({len(set(ids))} ids) is not SEISM's PASCAL-Context test_new list "
-            f"({SEISM_TEST_NEW_SIZE} ids, sha256 {SEISM_TEST_NEW_SHA256[:12]}...); drop --boundary-subset test_new "
+            f"--boundary-ids: {ids_file} ({len(set(ids))} ids) is not SEISM's {published.dataset_title} test_new list "
+            f"({published.size} ids, sha256 {published.sha256[:12]}...); drop --boundary-subset test_new "
             "to score a custom subset"
         )
     return BoundarySelection("test_new" if seism or subset == "test_new" else "custom", frozenset(ids), Path(ids_file))
@@ -317,14 +319,15 @@ def protocol_batch_size(dataset_name: str, protocol: str, batch_size: int | None
                 "--batch-size applies to --protocol maximum_roaming only (split-level metrics do not depend on it)"
             )
         return 1
-    if dataset_name not in MAXIMUM_ROAMING_BATCH_SIZE:
+    sizes = maximum_roaming_batch_sizes()
+    if dataset_name not in sizes:
         raise EvaluationSetupError(
-            f"protocol maximum_roaming is defined for {sorted(MAXIMUM_ROAMING_BATCH_SIZE)} (Maximum Roaming's "
+            f"protocol maximum_roaming is defined for {sorted(sizes)} (Maximum Roaming's "
             f"MTAN NYUv2 and Cityscapes), not for {dataset_name!r}"
         )
     if batch_size is not None and batch_size < 1:
         raise EvaluationSetupError(f"--batch-size must be >= 1, got {batch_size}")
-    return batch_size or MAXIMUM_ROAMING_BATCH_SIZE[dataset_name]
+    return batch_size or sizes[dataset_name]
 
 
 @dataclass
@@ -434,7 +437,7 @@ def evaluate_predictions(
         console: where the progress bar goes (none without).
         protocol: ``split_level`` or ``maximum_roaming`` (Maximum Roaming's metrics, MTAN datasets only).
         batch_size: ``maximum_roaming`` only: consecutive samples per metric update (default: the
-            batch size of Maximum Roaming's scripts, :data:`MAXIMUM_ROAMING_BATCH_SIZE`).
+            batch size of Maximum Roaming's scripts, the datamodule's ``maximum_roaming_batch_size``).
 
     Returns:
         The report; ``results`` and ``per_class_iou`` are empty and ``problems`` lists every
@@ -458,7 +461,7 @@ def evaluate_predictions(
     except ValueError as err:
         raise EvaluationSetupError(str(err)) from err
     has_edge = any(t.is_boundary for t in task_list)
-    use_seism = has_edge and dataset_name in SEISM_GROUND_TRUTH
+    seism_protocol = boundary_protocols().get(dataset_name) if has_edge else None
     if not has_edge and (boundary_ids is not None or boundary_subset != "all"):
         raise EvaluationSetupError("a boundary subset was given but the edge task is not evaluated")
     ids_file = Path(boundary_ids) if boundary_ids is not None else None
@@ -470,13 +473,13 @@ def evaluate_predictions(
         report.settings["batch_size"] = batch_size
         report.notes.append(
             f"maximum_roaming batches: {batch_size} consecutive ids in file order "
-            f"(Maximum Roaming's {dataset_name} scripts use {MAXIMUM_ROAMING_BATCH_SIZE[dataset_name]})"
+            f"(Maximum Roaming's {dataset_name} scripts use {maximum_roaming_batch_sizes()[dataset_name]})"
         )
     if any("legacy_sigmoid" in t.metric_options for t in task_list):
         report.settings["saliency_legacy_sigmoid"] = legacy_sigmoid
         report.notes.append(saliency_setting(legacy_sigmoid))
     n_boundary = len(dataset) if selection.ids is None else len(selection.ids)
-    if has_edge and not use_seism:
+    if has_edge and seism_protocol is None:
         report.settings["boundary"] = {
             "subset": selection.name,
             "ids_file": str(selection.source) if selection.source else None,
@@ -486,26 +489,26 @@ def evaluate_predictions(
         }
         report.notes.append(
             f"edge: F_tol only (the training monitor on the edge targets), subset {selection.describe(len(dataset))}; "
-            f"SEISM odsF/oisF/ap are defined for {', '.join(sorted(SEISM_GROUND_TRUTH))} only"
+            f"SEISM odsF/oisF/ap are defined for {', '.join(sorted(boundary_protocols()))} only"
         )
-    if use_seism:
+    if seism_protocol is not None:
         report.settings["boundary"] = {
             "subset": selection.name,
             "ids_file": str(selection.source) if selection.source else None,
             "n_images": n_boundary,
-            "max_dist": MAX_DIST[dataset_name],
-            "ground_truth": f"thin({SEISM_GROUND_TRUTH[dataset_name]})",
+            "max_dist": seism_protocol.max_dist,
+            "ground_truth": f"thin({seism_protocol.ground_truth})",
         }
         report.notes.append(
-            f"edge odsF/oisF/ap: SEISM-equivalent against thin({SEISM_GROUND_TRUTH[dataset_name]}), maxDist "
-            f"{MAX_DIST[dataset_name]} x diagonal, subset {selection.describe(len(dataset))}; "
+            f"edge odsF/oisF/ap: SEISM-equivalent against thin({seism_protocol.ground_truth}), maxDist "
+            f"{seism_protocol.max_dist} x diagonal, subset {selection.describe(len(dataset))}; "
             "F_tol: the training monitor on the training target, same subset"
         )
 
     report.problems = [*unknown_task_folders(pred_dir, loaded, dataset_name), *check_predictions(dataset, task_list, pred_dir)]
     if report.problems:
         return report
-    evaluator = BoundaryEvaluator(MAX_DIST[dataset_name], workers=workers) if use_seism else None
+    evaluator = BoundaryEvaluator(seism_protocol.max_dist, workers=workers) if seism_protocol is not None else None
     with Progress(console=console, transient=True, disable=console is None) as progress:
         pairs = _score_samples(
             dataset, task_list, pred_dir, metrics, selection, report.problems, progress, batch_size,

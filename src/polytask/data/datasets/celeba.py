@@ -208,6 +208,9 @@ class CelebADataModule(FileDataModule):
     """
 
     name = "celeba"
+    # Attribute predictions have no file format: CelebA is scored in memory only (where Maximum
+    # Roaming's batch size of 256, celeba/train_*.py, is the default batch_size below).
+    prediction_files = False
     disk_splits = ("train", "val", "test")
     stage_splits = {"train": "train", "val": "val", "test": "test", "predict": "test"}
 

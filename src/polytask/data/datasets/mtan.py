@@ -202,6 +202,7 @@ class NYUv2MTANDataModule(_MTANDataModule):
 
     name = "nyuv2_mtan"
     class_names = NYUV2_CLASSES
+    maximum_roaming_batch_size = 2  # nyuv2/train_*.py
 
     def __init__(
         self,
@@ -233,6 +234,7 @@ class CityscapesMTANDataModule(_MTANDataModule):
     """
 
     name = "cityscapes_mtan"
+    maximum_roaming_batch_size = 8  # cityscapes/train_*.py
 
     def __init__(
         self,

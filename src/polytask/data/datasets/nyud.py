@@ -43,6 +43,7 @@ from polytask.data.io import (
     read_png,
     read_rgb,
 )
+from polytask.data.protocols import BoundaryProtocol
 from polytask.data.transforms import check_size, eval_transform, train_transform
 from polytask.tasks import Task, build_task
 
@@ -59,6 +60,10 @@ CLASS_NAMES: tuple[str, ...] = (
 TASKS: tuple[str, ...] = ("semseg", "depth", "normals", "edge")
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}
 SPLITS: tuple[str, ...] = ("train", "val")
+BOUNDARY_PROTOCOL = BoundaryProtocol(max_dist=0.011, ground_truth="seg2bmap(edge map)")
+"""The InvPT authors' SEISM set-up for NYUD-v2: tolerance 0.011 of the diagonal, ground truth the
+segment boundaries of ``edge/<id>.png`` read as a label map; SEISM's NYUD ``test_new`` holds every
+val image."""
 VERSION_SIZES: dict[str, tuple[int, int]] = {"atrc": (448, 576), "mti-net": (480, 640)}
 VERSION_DESCRIPTIONS: dict[str, str] = {
     "atrc": "the ATRC/InvPT version (PNG images, normals and edges as PNG)",
@@ -189,6 +194,7 @@ class NYUDDataModule(FileDataModule):
     """
 
     name = "nyud"
+    boundary_protocol = BOUNDARY_PROTOCOL
 
     def __init__(
         self,

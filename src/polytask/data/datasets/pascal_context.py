@@ -50,6 +50,7 @@ from polytask.data.io import (
     read_png,
     read_rgb,
 )
+from polytask.data.protocols import BoundaryProtocol, PublishedIdList
 from polytask.data.transforms import check_size, eval_transform, train_transform
 from polytask.ops.thinning import thin
 from polytask.tasks import Task, build_task
@@ -86,6 +87,20 @@ the 169 context class names that are also NYUD class names (except ``unknown``),
 TASKS: tuple[str, ...] = ("semseg", "human_parts", "sal", "normals", "edge")
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0, "edge": 50.0}
 SPLITS: tuple[str, ...] = ("train", "val")
+
+SEISM_TEST_NEW = PublishedIdList(
+    sha256="1998ea178a4683c851a7db0c5c6d41dcbc026e9502d4a6f10bb3668862cff0ce",
+    size=2498,
+    path="seism/src/gt_wrappers/gt_sets/PASCALContext/test_new.txt",
+    dataset_title="PASCAL-Context",
+)
+"""SEISM's ``src/gt_wrappers/gt_sets/PASCALContext/test_new.txt``: 2,498 val ids (sorted, one per
+line with a final newline), recognised by its hash without shipping it."""
+
+BOUNDARY_PROTOCOL = BoundaryProtocol(max_dist=0.0075, ground_truth="seg2bmap(LabelMap)", test_new=SEISM_TEST_NEW)
+"""SEISM's PASCAL-Context set-up (InvPT / ATRC / ASTMT): tolerance 0.0075 of the diagonal, ground
+truth the segment boundaries of the context ``LabelMap`` (:meth:`PascalContext.seism_label_map`),
+published numbers on ``test_new``."""
 
 _LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 # Positions in the PASCAL-Part struct: anno = (imname, objects); object = (class, class_ind, mask,
@@ -245,6 +260,7 @@ class PascalContextDataModule(FileDataModule):
     """
 
     name = "pascal_context"
+    boundary_protocol = BOUNDARY_PROTOCOL
 
     def __init__(
         self,
