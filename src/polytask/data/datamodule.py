@@ -1,4 +1,4 @@
-"""Lightning datamodules: the base class, its resumable training loader, and the SynthScenes datamodule."""
+"""Lightning datamodules: the base class and its resumable training loader (datasets are in :mod:`polytask.data.datasets`)."""
 
 from __future__ import annotations
 
