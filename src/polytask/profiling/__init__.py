@@ -40,14 +40,7 @@ then the variants are interleaved, ``--steps`` rounds of one call each (the star
 rotates every round), and each variant reports the median of its calls. Ratios are those of
 medians measured in the same run, so machine noise shifts all variants alike.
 
-Usage::
-
-    polytask bench --config configs/taskexpert_synthscenes.yaml --modes fp32,bf16 --compile --json out.json
-    polytask bench --config CFG --image-size 224 224 -- --model.net.init_args.backbone vit_small_patch16_224
-    polytask bench --config configs/hard_sharing_synthscenes.yaml --versus configs/etr_nlp_synthscenes.yaml --image-size 64 64
-
-Arguments that are not bench options are config overrides, as on the ``fit`` command line (after a
-``--`` separator, even those that look like bench options).
+The command line is :mod:`polytask.cli.bench` (usage there).
 
 Modules: :mod:`.experiment` (the config built for benchmarking), :mod:`.inputs` (the batch),
 :mod:`.bare` (the bare network), :mod:`.variants` (the timed calls), :mod:`.timing`,
