@@ -58,6 +58,7 @@ VARIANTS = [
     {"memory_read": False, "memory_write": "accumulate"},
     {"memory_read": False, "memory_write": "ema", "memory_momentum": 0.3},
     {"gating": "static", "memory_read": False},
+    {"head": "bilinear"},
     {"head": "deconv", "channels_last": False},
     {"head_scale": 1},
     {"mmoe_blocks": [2, 4], "final_norm_on_last": False},

@@ -57,7 +57,7 @@ STRUCTURE_SWITCHES = [
     for mode, expert, head, blocks in itertools.product(
         MODES,
         ("mlp", "mlp2", "conv"),
-        ({"head": "bilinear", "head_scale": 4}, {"head": "bilinear", "head_scale": 1},
+        ({"head": "project", "head_scale": 4}, {"head": "bilinear", "head_scale": 1},
          {"head": "deconv", "channels_last": False}),
         ({"mmoe_blocks": [1, 2, 3, 4]}, {"mmoe_blocks": [2, 3], "final_norm_on_last": False}),
     )

@@ -38,7 +38,7 @@ GateGranularity = Literal["token", "image"]
 MemoryWrite = Literal["replace", "accumulate", "ema"]
 MemoryInit = Literal["none", "zeros"]
 Gating = Literal["dynamic", "static"]
-HeadKind = Literal["bilinear", "deconv"]
+HeadKind = Literal["bilinear", "project", "deconv"]
 
 _INIT_STD = 0.02
 
@@ -261,29 +261,44 @@ class MMoELayer(nn.Module):
 class TaskHead(nn.Module):
     """Dense head on the ``1/16`` memory map of one task, upsampled to the input size.
 
-    ``bilinear``: bilinear x``scale`` -> Conv3x3-BN-GELU -> Conv1x1 -> bilinear to the input size.
+    ``bilinear``: bilinear x``scale`` -> Conv3x3 (``D -> hidden``)-BN-GELU -> Conv1x1 -> bilinear to the input size.
+    ``project``: Conv1x1 (``D -> hidden``, on the token grid) -> bilinear x``scale`` -> Conv3x3
+    (``hidden -> hidden``)-BN-GELU -> Conv1x1 -> bilinear to the input size: the final head of the
+    authors' TaskPrompter (a 3x3 conv at 1/4 resolution on task features already reduced to a small
+    width at 1/16), see docs/taskexpert.md, "Heads". The projection has no bias (the BatchNorm after
+    the 3x3 conv would cancel it away from the image border); since a 1x1 conv commutes with
+    bilinear upsampling, this is the ``bilinear`` head with its 3x3 conv factored through ``hidden``
+    input channels, at ``hidden / D`` of its cost when ``hidden`` is small.
     ``deconv``: two (ConvTranspose 2x2 stride 2 -> BN -> GELU) -> Conv1x1 -> bilinear to the input size.
+
+    ``body`` holds the hidden convolutions (its first module is the 3x3 conv of ``bilinear`` and
+    ``project``), ``proj`` the projection of ``project`` (None otherwise), ``out`` the Conv1x1.
 
     Args:
         in_channels: memory width ``D``.
         out_channels: the task's output channels.
         hidden: channels of the hidden convolutions.
-        kind: ``bilinear`` or ``deconv``.
-        scale: upsampling factor before the 3x3 conv of the ``bilinear`` head (1: conv on the token grid).
+        kind: ``bilinear``, ``project`` or ``deconv``.
+        scale: upsampling factor before the 3x3 conv of the ``bilinear`` and ``project`` heads
+            (1: conv on the token grid); unused by ``deconv``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: int, kind: HeadKind = "bilinear",
                  scale: int = 4) -> None:
         super().__init__()
-        if kind not in ("bilinear", "deconv"):
-            raise ValueError(f"unknown head kind {kind!r}; choose bilinear or deconv")
+        if kind not in ("bilinear", "project", "deconv"):
+            raise ValueError(f"unknown head kind {kind!r}; choose bilinear, project or deconv")
         if scale < 1:
             raise ValueError(f"head scale must be >= 1, got {scale}")
+        if hidden < 1:
+            raise ValueError(f"head hidden channels must be >= 1, got {hidden}")
         self.kind = kind
         self.scale = scale
-        if kind == "bilinear":
+        self.proj = nn.Conv2d(in_channels, hidden, 1, bias=False) if kind == "project" else None
+        if kind in ("bilinear", "project"):
+            conv_in = hidden if kind == "project" else in_channels
             self.body = nn.Sequential(
-                nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.GELU()
+                nn.Conv2d(conv_in, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.GELU()
             )
         else:
             self.body = nn.Sequential(
@@ -294,10 +309,24 @@ class TaskHead(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """``(B, D, h, w)`` -> ``(B, out_channels, *size)``."""
-        if self.kind == "bilinear" and self.scale > 1:
+        if self.proj is not None:
+            x = self.proj(x)
+        if self.kind != "deconv" and self.scale > 1:
             x = F.interpolate(x, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
         y = self.out(self.body(x))
         return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def default_head_channels(head: HeadKind, width: int) -> int:
+    """Hidden channels of the dense heads when ``head_channels`` is not given.
+
+    ``project``: ``max(1, width // 4)``, our choice: the authors' heads reduce the task features to a
+    small width before their 3x3 conv at 1/4 resolution (TaskPrompter's ViT-L PASCAL model: 350 of
+    the ViT's 1024 channels), but their widths follow no fixed ratio; a quarter of the memory width
+    keeps TaskExpert's training step within 1.15x of its bare backbone (docs/taskexpert.md, "Heads").
+    ``bilinear`` and ``deconv``: ``width`` (no width change inside the head), as before.
+    """
+    return max(1, width // 4) if head == "project" else width
 
 
 def untrainable_reasons(
@@ -395,9 +424,14 @@ class TaskExpert(MultiTaskNet):
         memory_momentum: weight ``m`` of the old memory in the ``ema`` write, in ``[0, 1]`` (1 is refused
             where a layer receives a memory: it would never write).
         memory_init: ``none`` (no memory slot at the first MMoE layer) or ``zeros``.
-        head: dense head kind, ``bilinear`` or ``deconv`` (image-level tasks use :class:`ImageHead`).
-        head_channels: hidden channels of the dense heads (default ``width``).
-        head_scale: upsampling of the ``bilinear`` head before its 3x3 conv (4: at 1/4 of the input size).
+        head: dense head kind (:class:`TaskHead`): ``project`` (default: Conv1x1 ``D -> head_channels`` on
+            the token grid, then the 3x3 conv at ``1/16 * head_scale``, the final head of the authors'
+            TaskPrompter), ``bilinear`` (the 3x3 conv ``D -> head_channels`` after upsampling) or
+            ``deconv``; image-level tasks use :class:`ImageHead`.
+        head_channels: hidden channels of the dense heads (default: ``width // 4`` for ``project``,
+            ``width`` for ``bilinear`` and ``deconv``; see :func:`default_head_channels`).
+        head_scale: upsampling of the ``project`` and ``bilinear`` heads before their 3x3 conv (4: at
+            1/4 of the input size).
         channels_last: run the dense heads in channels-last memory format.
         balance_weight: coefficient of the load-balancing loss returned by :meth:`aux_loss` (0 disables it).
         gating: ``dynamic`` (per-task context-aware gates, the method) or ``static`` (the static-decoding
@@ -429,7 +463,7 @@ class TaskExpert(MultiTaskNet):
         memory_write: MemoryWrite = "replace",
         memory_momentum: float = 0.5,
         memory_init: MemoryInit = "none",
-        head: HeadKind = "bilinear",
+        head: HeadKind = "project",
         head_channels: int | None = None,
         head_scale: int = 4,
         channels_last: bool = True,
@@ -484,7 +518,7 @@ class TaskExpert(MultiTaskNet):
             for i in range(len(self.mmoe_blocks))
         )
         self.zero_memory = memory_init == "zeros"
-        hidden = head_channels or width
+        hidden = head_channels if head_channels is not None else default_head_channels(head, width)
         self.heads = nn.ModuleDict({
             t.name: TaskHead(width, t.out_channels, hidden, head, head_scale) if t.dense
             else ImageHead(width, t.out_channels)
@@ -608,7 +642,7 @@ class StaticTaskExpert(TaskExpert):
         width: int = 256,
         memory_write: MemoryWrite = "replace",
         memory_momentum: float = 0.5,
-        head: HeadKind = "bilinear",
+        head: HeadKind = "project",
         head_channels: int | None = None,
         head_scale: int = 4,
         channels_last: bool = True,
