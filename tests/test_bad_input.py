@@ -3,7 +3,6 @@ work), and NaN/inf losses (steps skipped, the run stopped with the tasks named).
 
 from __future__ import annotations
 
-import functools
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -17,11 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from conftest import tiny_hard_sharing
 from polytask.cli import main
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.datamodule import MultiTaskDataModule
 from polytask.data.predict import ImageFolder
-from polytask.models import HardSharing
 from polytask.tasks import Task, build_task
 from polytask.training.checkpoint import AtomicCheckpointIO, ResumableCheckpoint, read_checkpoint
 from polytask.training.guard import NonFiniteGuard, NonFiniteTrainingError
@@ -181,7 +180,7 @@ class _ScenesDataModule(MultiTaskDataModule):
 
 
 def tiny_module(max_nonfinite_steps: int = 10) -> MultiTaskModule:
-    net = functools.partial(HardSharing, backbone="test_resnet", decoder_channels=8, head_channels=4)
+    net = tiny_hard_sharing()
     return MultiTaskModule(net=net, tasks=[build_task("depth"), build_task("sal")], max_nonfinite_steps=max_nonfinite_steps)
 
 
@@ -223,16 +222,13 @@ def test_predict_dir_must_be_a_folder(tmp_path: Path) -> None:
         (["--data.init_args.num_trian", "3"], "num_trian"),
     ],
 )
-def test_unknown_config_keys_stop_the_cli(
-    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+@pytest.mark.usefixtures("fresh_cache")
+def test_unknown_config_keys_stop_the_cli(args: list[str], message: str, workdir: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["fit", *args])
     assert caught.value.code == 2
     assert message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert list(workdir.iterdir()) == []
 
 
 def test_unknown_keys_in_a_config_file_stop_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -251,12 +247,11 @@ def test_unknown_keys_in_a_config_file_stop_the_cli(tmp_path: Path, monkeypatch:
         ("[depth, foo]", r"'foo': not a task polytask knows"),
     ],
 )
-def test_unknown_tasks_stop_the_cli_before_any_work(tasks: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+@pytest.mark.usefixtures("fresh_cache")  # inside workdir: the check below sees a rendered split
+def test_unknown_tasks_stop_the_cli_before_any_work(tasks: str, message: str, workdir: Path) -> None:
     with pytest.raises(ValueError, match=message):
         main(["fit", "--data.tasks", tasks])
-    assert list(tmp_path.iterdir()) == [], "nothing was rendered, logged or checkpointed"
+    assert list(workdir.iterdir()) == [], "nothing was rendered, logged or checkpointed"
 
 
 def test_repeated_nonfinite_losses_stop_training_naming_the_task_and_keep_the_last_good_checkpoint(tmp_path: Path) -> None:

@@ -4,38 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import CONFIGS, POLYTASK, subprocess_env, tiny_net_options, tiny_synthscenes
 from fixtures_data import write_celeba, write_folder
 from polytask.cli.bench import main as bench_main
 from polytask.data import SynthScenesDataModule
 from polytask.models import HardSharing, SingleTask
+from polytask.models.summary import summarize_model
 from polytask.profiling.bare import BareNet, make_bare_net
-from polytask.profiling.experiment import benchmark_configs, config_chain
+from polytask.profiling.experiment import Experiment, benchmark_configs, config_chain, load_experiment
 from polytask.profiling.inputs import fit_batch, synthetic_batch
+from polytask.profiling.loader import measure_loader
 from polytask.profiling.memory import peak_memory_mb
 from polytask.profiling.run import interleave_sides, versus_comparison
 from polytask.profiling.timing import Result, Variant, ratios, time_interleaved
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = benchmark_configs(REPO / "configs")
+CONFIG_FILES = benchmark_configs(CONFIGS)
 FIXTURE_WRITERS = {"CelebADataModule": write_celeba, "FolderDataModule": write_folder}
 """Datamodules that need their files even to tell their tasks: benchmarked on a fixture tree."""
+FALLBACK_SIZE = (64, 64)
+"""Resolution of the meta-device FLOP count for configs whose resolution comes from their absent files."""
 
 
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh working directory (relative dataset roots of the configs do not exist there)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
-    return tmp_path
+def _config_id(config: Path) -> str:
+    return str(config.relative_to(CONFIGS))
 
 
 def _data_class(chain: list[Path]) -> str | None:
@@ -45,26 +43,42 @@ def _data_class(chain: list[Path]) -> str | None:
     return named[-1].rpartition(".")[2] if named else None
 
 
-def test_configs_are_discovered() -> None:
-    names = {str(c.relative_to(REPO / "configs")) for c in CONFIGS}
-    assert "taskexpert_synthscenes.yaml" in names
-    assert not any(n.startswith("trainer/") for n in names)
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c.relative_to(REPO / "configs")))
-def test_bench_runs_on_every_config(config: Path, workdir: Path) -> None:
+def _bench_setup(config: Path, workdir: Path) -> tuple[list[str], list[str]]:
+    """The ``--config`` arguments of ``config`` (its chain) and its overrides: SGD (no optimizer
+    state: Adam's would add 2 x 4 bytes x 332 M parameters = 2.7 GB for the ViT-L configs) and, for
+    datamodules that need their files, the root of a fixture tree written into ``workdir``."""
     chain = config_chain(config)
-    # SGD: no optimizer state (Adam's would add 2 x 4 bytes x 332 M parameters = 2.7 GB for the ViT-L configs).
     overrides = ["--model.optimizer", "torch.optim.SGD"]
     writer = FIXTURE_WRITERS.get(_data_class(chain) or "")
     if writer is not None:
         writer(workdir / "fixture")
         overrides += ["--data.init_args.root", str(workdir / "fixture")]
-    out = workdir / "bench.json"
-    args = [a for c in chain for a in ("--config", str(c))]
+    return [a for c in chain for a in ("--config", str(c))], overrides
+
+
+def _full_size_on_meta(configs: list[str], overrides: list[str]) -> Experiment:
+    """The config's datamodule and module built as ``polytask bench`` builds them, at the config's own
+    sizes and resolution, with the network's tensors on the meta device (no memory, no initialisation).
+
+    A network whose construction reads tensor values (Task Routing's random channel masks) cannot be
+    built on the meta device: it is built on the CPU and moved there.
+    """
+    try:
+        with torch.device("meta"):
+            return load_experiment(configs, overrides)
+    except Exception as err:  # only the meta device's refusal of data-dependent ops is retried
+        if "meta" not in str(err):
+            raise
+    experiment = load_experiment(configs, overrides)
+    experiment.module.to("meta")
+    return experiment
+
+
+def _run_bench(args: list[str], overrides: list[str], out: Path) -> dict:
+    """``polytask bench`` of one config at 64x64, batch 2, one step of every variant; its JSON report, checked."""
     # 64x64: stride-32 ResNets keep 2x2 maps, as BatchNorm without running statistics (the ETR-NLP
     # CelebA nets) needs more than one value per channel in the FLOP count's batch of one image.
-    args += ["--image-size", "64", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--loader-batches", "1"]
+    args = [*args, "--image-size", "64", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--loader-batches", "1"]
     args += ["--threads", "1", "--no-memory"]  # 1 thread: steadier than 2 on a busy 2-core runner
     assert bench_main([*args, "--json", str(out), "--", *overrides]) == 0
 
@@ -83,11 +97,70 @@ def test_bench_runs_on_every_config(config: Path, workdir: Path) -> None:
         assert row["median_ms"] > 0 and row["samples_per_s"] > 0 and row["peak_mem_mb"] is None, row
     assert isinstance(device["unused_parameters"], list)
     assert all(v > 0 for v in device["ratios"].values())
+    return report
+
+
+def test_configs_are_discovered() -> None:
+    names = {_config_id(c) for c in CONFIG_FILES}
+    assert "taskexpert_synthscenes.yaml" in names
+    assert not any(n.startswith("trainer/") for n in names)
+
+
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=_config_id)
+def test_every_config_builds_at_full_size_and_benches_with_a_tiny_network(config: Path, workdir: Path) -> None:
+    """Every config of configs/, in two parts.
+
+    Full size, on the meta device: the config resolved as ``polytask bench`` resolves it, its
+    datamodule, module and network built with the config's own sizes, parameters counted and the
+    FLOPs of one forward at the config's resolution (every layer's shapes at full size), and the bare
+    network. Then ``polytask bench`` end to end (loader batch, FLOPs, bare network, per-task mode,
+    a training step and inference of every variant, unused parameters, the report) on the same
+    config with its network shrunk to a tiny one of the same class (``conftest.tiny_net_options``).
+    Full-size training steps: ``test_bench_runs_on_every_config_at_full_size`` (slow).
+    """
+    configs, overrides = _bench_setup(config, workdir)
+    chain = [c for c in configs if c != "--config"]
+    experiment = _full_size_on_meta(chain, overrides)
+    module, net = experiment.module, experiment.module.net
+    assert all(t.is_meta for t in module.state_dict().values())
+    size = experiment.image_size or FALLBACK_SIZE
+    summary = summarize_model(net, size)
+    assert summary.total_params > 0 and summary.flops > 0
+    bare, reason = make_bare_net(net, module.tasks, size)
+    assert reason if bare is None else summarize_model(bare, size).flops > 0
+
+    described = json.loads(module.config_json)["net"]
+    tiny = tiny_net_options(described["class"], described.get("init_args"))
+    (workdir / "tiny.yaml").write_text(json.dumps({"model": {"init_args": {"net": {"init_args": tiny}}}}))
+    report = _run_bench([*configs, "--config", str(workdir / "tiny.yaml")], overrides, workdir / "bench.json")
+    assert report["model"] == net.display_name and report["tasks"] == [t.name for t in module.tasks]
+    assert report["summary"]["total_params"] <= summary.total_params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=_config_id)
+def test_bench_runs_on_every_config_at_full_size(config: Path, workdir: Path) -> None:
+    """``polytask bench`` of every config with its full-size network at 64x64 (the ViT-L configs:
+    332 M parameters). The default run covers the same code path with a tiny network and builds the
+    full-size one on the meta device: ``test_every_config_builds_at_full_size_and_benches_with_a_tiny_network``."""
+    configs, overrides = _bench_setup(config, workdir)
+    _run_bench(configs, overrides, workdir / "bench.json")
+
+
+def test_loader_measurement_ends_the_persistent_workers_it_started(tmp_path: Path) -> None:
+    """Left to the garbage collector, each worker costs 5 s of waiting whenever it runs (tests after it stalled)."""
+    import multiprocessing
+
+    datamodule = tiny_synthscenes(["depth"], tmp_path, num_train=4, batch_size=2, image_size=(16, 16), num_workers=2)
+    before = set(multiprocessing.active_children())
+    stats, batch = measure_loader(datamodule, 1)
+    assert stats.num_workers == 2 and batch["image"].shape == (2, 3, 16, 16)
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_bench_reports_both_precisions_and_their_ratios(workdir: Path) -> None:
     out = workdir / "bench.json"
-    config = REPO / "configs" / "hard_sharing_digits.yaml"
+    config = CONFIGS / "hard_sharing_digits.yaml"
     args = ["--config", str(config), "--batch-size", "2", "--steps", "2", "--warmup", "1", "--modes", "fp32,bf16", "--threads", "1"]
     assert bench_main([*args, "--loader-batches", "2", "--json", str(out)]) == 0
     device = json.loads(out.read_text())["devices"][0]
@@ -98,7 +171,7 @@ def test_bench_reports_both_precisions_and_their_ratios(workdir: Path) -> None:
 
 def test_bench_without_dataset_files_skips_the_loader_and_times_random_input(workdir: Path) -> None:
     out = workdir / "bench.json"
-    args = ["--config", str(REPO / "configs" / "data" / "nyud.yaml"), "--image-size", "32", "48", "--batch-size", "1"]
+    args = ["--config", str(CONFIGS / "data" / "nyud.yaml"), "--image-size", "32", "48", "--batch-size", "1"]
     assert bench_main([*args, "--steps", "1", "--warmup", "1", "--no-bare", "--threads", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["loader"] is None and "NYUD" in report["skipped"]["loader"]
@@ -107,7 +180,7 @@ def test_bench_without_dataset_files_skips_the_loader_and_times_random_input(wor
 
 def test_bench_gives_up_clearly_when_the_tasks_need_the_files(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = workdir / "bench.json"
-    assert bench_main(["--config", str(REPO / "configs" / "data" / "celeba.yaml"), "--json", str(out)]) == 2
+    assert bench_main(["--config", str(CONFIGS / "data" / "celeba.yaml"), "--json", str(out)]) == 2
     assert "skipped" in capsys.readouterr().out
     assert "data.init_args.root" in json.loads(out.read_text())["skipped"]["bench"]
 
@@ -115,7 +188,7 @@ def test_bench_gives_up_clearly_when_the_tasks_need_the_files(workdir: Path, cap
 @pytest.mark.slow
 def test_bench_compiles(workdir: Path) -> None:
     out = workdir / "bench.json"
-    config = REPO / "configs" / "hard_sharing_digits.yaml"
+    config = CONFIGS / "hard_sharing_digits.yaml"
     args = ["--config", str(config), "--batch-size", "2", "--steps", "1", "--warmup", "2", "--compile", "--no-bare", "--threads", "1"]
     assert bench_main([*args, "--json", str(out)]) == 0
     device = json.loads(out.read_text())["devices"][0]
@@ -123,7 +196,7 @@ def test_bench_compiles(workdir: Path) -> None:
 
 
 def test_layered_configs_are_benchmarked_on_their_base() -> None:
-    layered = [c for c in CONFIGS if len(config_chain(c)) > 1]
+    layered = [c for c in CONFIG_FILES if len(config_chain(c)) > 1]
     for config in layered:
         assert config_chain(config)[-1] == config.resolve()
 
@@ -199,12 +272,11 @@ def test_interleaved_timing_without_warmup_drops_a_variant_that_fails() -> None:
 
 def test_bench_profile_on_cpu_prints_no_gpu_probing_errors(workdir: Path) -> None:
     """The profiler's library logs "gpuGetDeviceCount failed" on CPU-only machines unless bench quiets it."""
-    config = REPO / "configs" / "hard_sharing_synthscenes_etr.yaml"
+    config = CONFIGS / "hard_sharing_synthscenes_etr.yaml"
     args = ["--config", str(config), "--steps", "1", "--warmup", "1", "--modes", "fp32", "--threads", "1",
             "--device", "cpu", "--loader-batches", "0", "--profile", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
-    polytask = Path(sys.executable).parent / "polytask"
-    done = subprocess.run([str(polytask), "bench", *args], capture_output=True, text=True, env=env, timeout=600)
+    env = {k: v for k, v in subprocess_env().items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([*POLYTASK, "bench", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "aten::" in done.stdout  # the profile ran
     assert "gpuGetDeviceCount" not in done.stderr + done.stdout
@@ -224,14 +296,14 @@ def test_versus_times_two_configs_in_one_interleaved_run(workdir: Path, monkeypa
 
     monkeypatch.setattr(bench, "time_interleaved", recording)
     out = workdir / "versus.json"
-    args = ["--config", str(REPO / "configs" / "hard_sharing_synthscenes.yaml"), "--versus", str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
+    args = ["--config", str(CONFIGS / "hard_sharing_synthscenes.yaml"), "--versus", str(CONFIGS / "etr_nlp_synthscenes.yaml")]
     args += ["--image-size", "32", "32", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--threads", "1"]
     assert bench_main([*args, "--no-memory", "--no-bare", "--loader-batches", "0", "--json", str(out)]) == 0
 
     report = json.loads(out.read_text())
     versus = report["versus"]
     assert report["model"] == "HardSharing" and versus["model"] == "RoutedSegNet[etr_nlp]"
-    assert versus["configs"] == [str(REPO / "configs" / "etr_nlp_synthscenes.yaml")]
+    assert versus["configs"] == [str(CONFIGS / "etr_nlp_synthscenes.yaml")]
     assert versus["image_size"] == report["image_size"] == [32, 32] and versus["batch_size"] == report["batch_size"] == 2
     base = {r["key"]: r for r in report["devices"][0]["results"]}
     other = {r["key"]: r for r in versus["devices"][0]["results"]}

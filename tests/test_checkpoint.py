@@ -3,7 +3,6 @@ safetensors export and loading, clear errors for checkpoints of another model.""
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import signal
@@ -18,9 +17,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import tiny_hard_sharing, tiny_synthscenes
 from polytask.cli.export import main as export_main
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
-from polytask.models import HardSharing
 from polytask.tasks import build_task
 from polytask.training.checkpoint import (
     CHECKPOINT_KEY,
@@ -38,12 +37,12 @@ TASKS = ("depth", "sal")
 
 
 def tiny_module(tasks: Sequence[str] = TASKS, decoder_channels: int = 8) -> MultiTaskModule:
-    net = functools.partial(HardSharing, backbone="test_resnet", decoder_channels=decoder_channels, head_channels=4)
+    net = tiny_hard_sharing(decoder_channels)
     return MultiTaskModule(net=net, tasks=[build_task(t) for t in tasks])
 
 
 def tiny_data(cache: Path, tasks: Sequence[str] = TASKS) -> SynthScenesDataModule:
-    return SynthScenesDataModule(list(tasks), num_train=8, num_val=4, image_size=(32, 48), cache_dir=str(cache), batch_size=4)
+    return tiny_synthscenes(tasks, cache)
 
 
 def trainer(root: Path, **options: object) -> pl.Trainer:

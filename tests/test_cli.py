@@ -6,25 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HARD_SHARING_CONFIG, TINY_HARD_SHARING_CLI
 from polytask.cli import main
 from polytask.cli.main import TOOLS
 from polytask.config import LIGHTNING_COMMANDS, instantiate, lightning_main
 from polytask.training.checkpoint import CheckpointError, read_checkpoint
 
-HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 TINY = [
-    "--config", HARD_SHARING,
+    "--config", HARD_SHARING_CONFIG,
     "--data.num_train", "16", "--data.num_val", "8", "--data.image_size", "[32, 48]", "--data.batch_size", "4",
-    "--model.net.init_args.decoder_channels", "16", "--model.net.init_args.head_channels", "8",
-    "--trainer.max_steps", "3",
-]
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
-    return tmp_path
+    *TINY_HARD_SHARING_CLI, "--trainer.max_steps", "3",
+]  # fmt: skip
 
 
 def test_fit_then_test_writes_metric_tables(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

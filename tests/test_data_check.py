@@ -24,10 +24,7 @@ from polytask.data.datasets.nyud import NYUDDataModule
 from polytask.data.io import DataFileError
 from polytask.data.problems import BrokenDatasetError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # checks cached by one test never answer another
 
 
 def broken_nyud(root: Path) -> None:

@@ -14,10 +14,7 @@ from polytask.data.io import DataFileError
 from polytask.data.predict import ImageFolder
 from polytask.tasks import DepthTask, EdgeTask, NormalsTask, SegmentationTask
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # checks cached by one test never answer another
 
 
 @pytest.fixture(scope="module")

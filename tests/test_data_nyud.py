@@ -12,10 +12,7 @@ from fixtures_data import Fixture, write_nyud
 from polytask.data.datasets.nyud import NYUDDataModule, detect_version
 from polytask.data.io import DataFileError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # checks cached by one test never answer another
 
 
 @pytest.fixture(scope="module", params=["atrc", "mti-net"])

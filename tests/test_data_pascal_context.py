@@ -32,9 +32,7 @@ REFERENCE_BOUNDARIES = np.array(
 )
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # checks cached by one test never answer another
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 import inspect
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
+from conftest import CONFIGS, HARD_SHARING_CONFIG, TINY_HARD_SHARING_CLI
 from fixtures_data import (
     write_celeba,
     write_folder,
@@ -20,12 +20,9 @@ from fixtures_data import (
 from polytask.cli import main
 from polytask.data.registry import registry
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
-HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
+DATA_CONFIGS = CONFIGS / "data"
 SMALL_MODEL = [
-    "--config", HARD_SHARING,
-    "--model.net.init_args.backbone", "test_resnet",
-    "--model.net.init_args.decoder_channels", "16", "--model.net.init_args.head_channels", "8",
+    "--config", HARD_SHARING_CONFIG, *TINY_HARD_SHARING_CLI,
     "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
     "--data.batch_size", "2",
 ]
@@ -57,17 +54,8 @@ RUNS: dict[str, tuple[Callable[[Path], object], str, list[str], set[str]]] = {
 }
 
 
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster, and immune to a busy machine
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("run", sorted(RUNS))
+@pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster, and immune to a busy machine
 def test_fit_runs_end_to_end(workdir: Path, run: str) -> None:
     write, class_path, options, expected_tasks = RUNS[run]
     write(workdir / "dataset")
@@ -77,7 +65,7 @@ def test_fit_runs_end_to_end(workdir: Path, run: str) -> None:
     assert expected_tasks <= set(json.loads(reports[0].read_text())["results"])
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", sorted(DATA_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_data_configs_name_a_datamodule_and_its_arguments(config: Path) -> None:
     data = yaml.safe_load(config.read_text())
     assert set(data) == {"data"}

@@ -50,10 +50,10 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 
+from conftest import CONFIGS, REPO, TINY_HARD_SHARING, TINY_SEGNET, TINY_TASKEXPERT
 from polytask.models.etr_nlp.layers import TaskBatchNorm
 
-REPO = Path(__file__).resolve().parents[1]
-DDP_CPU = REPO / "configs" / "trainer" / "ddp_cpu.yaml"
+DDP_CPU = CONFIGS / "trainer" / "ddp_cpu.yaml"
 TASKS = ["semseg", "depth", "normals", "edge"]
 IMAGE_SIZE = (32, 32)
 NUM_TRAIN, NUM_VAL, TOTAL_BATCH = 8, 4, 4
@@ -313,7 +313,7 @@ def _average_in_process(rank: int, port: int, results: Any) -> None:
 def test_per_task_gradients_are_averaged_and_a_mismatch_raises_on_every_process() -> None:
     import torch.multiprocessing as mp
 
-    context = mp.get_context("spawn")
+    context = mp.get_context("fork")  # the children inherit torch and polytask: spawn imported them anew (~10 s)
     results = context.Queue()
     port = _free_port()
     processes = [context.Process(target=_average_in_process, args=(r, port, results)) for r in range(2)]
@@ -330,22 +330,9 @@ def test_per_task_gradients_are_averaged_and_a_mismatch_raises_on_every_process(
 
 # --- the equivalence tests -------------------------------------------------------------------
 
-HARD_SHARING = {
-    "class_path": "polytask.models.HardSharing",
-    "init_args": {"backbone": "resnet18", "decoder_channels": 16, "head_channels": 8},
-}
-TASKEXPERT = {
-    "class_path": "polytask.models.taskexpert.TaskExpert",
-    "init_args": {
-        "backbone": "vit_tiny_patch16_224",
-        "backbone_options": {"img_size": list(IMAGE_SIZE), "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 2},
-        "mmoe_blocks": [2, 4],
-        "num_experts": 3,
-        "width": 16,
-        "head_channels": 8,
-    },
-}
-ETR_NLP = {"class_path": "polytask.models.etr_nlp.RoutedSegNet", "init_args": {"routing": "etr_nlp", "filters": [8, 8, 16, 16, 16]}}
+HARD_SHARING = {"class_path": "polytask.models.HardSharing", "init_args": TINY_HARD_SHARING}
+TASKEXPERT = {"class_path": "polytask.models.taskexpert.TaskExpert", "init_args": TINY_TASKEXPERT}  # a ViT for 32x32 images
+ETR_NLP = {"class_path": "polytask.models.etr_nlp.RoutedSegNet", "init_args": {"routing": "etr_nlp", **TINY_SEGNET}}
 MULTI_TASK_MODULE = "polytask.training.MultiTaskModule"
 PER_TASK_MODULE = "polytask.training.PerTaskModule"
 

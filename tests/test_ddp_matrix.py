@@ -23,15 +23,14 @@ from typing import Any
 import pytest
 import torch
 
-from test_ddp import DDP_CPU, REPO, run_ddp
+from conftest import CONFIGS, TINY_HARD_SHARING_VIT, TINY_RESNET, TINY_SEGNET, TINY_VIT
+from test_ddp import DDP_CPU, run_ddp
 
-CONFIGS = REPO / "configs"
 SYNTH_DATA = {"num_train": 8, "num_val": 4, "image_size": [32, 32], "batch_size": 2, "flip": False}
 DIGITS_DATA = {"num_train": 8, "num_val": 4, "scale": 2, "batch_size": 2}
-TINY_VIT = {"img_size": [32, 32], "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 2}
 TASKEXPERT = {"num_experts": 3, "width": 16, "head_channels": 8, "mmoe_blocks": [2, 4], "backbone_options": TINY_VIT}
-SEGNET = {"filters": [8, 8, 16, 16, 16]}
-RESNET = {"backbone_options": {"channels": [8, 8, 16, 16], "stem_width": 8, "output_stride": 8}, "head_channels": 8}
+SEGNET = TINY_SEGNET
+RESNET = TINY_RESNET
 SYNTH_TASKS = 6
 """Tasks of a SynthScenes config without a task list (all of them)."""
 
@@ -65,10 +64,7 @@ def _taskexpert(**options: Any) -> dict[str, Any]:
 
 CASES: dict[str, Case] = {
     "hard_sharing": Case((), {"decoder_channels": 16, "head_channels": 8}),
-    "hard_sharing_vit": Case(
-        ("hard_sharing_synthscenes_vit.yaml",),
-        {"backbone_options": TINY_VIT, "out_indices": [0, 1, 2, 3], "decoder_channels": 16, "head_channels": 8},
-    ),
+    "hard_sharing_vit": Case(("hard_sharing_synthscenes_vit.yaml",), TINY_HARD_SHARING_VIT),
     "taskexpert": Case(("taskexpert_synthscenes.yaml",), _taskexpert(), expert_usage=True),
     "taskexpert_paper_config": Case(
         ("taskexpert_pascal_vitb.yaml",),

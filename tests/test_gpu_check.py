@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import HARD_SHARING_CONFIG, POLYTASK, REPO, subprocess_env
 from polytask.data import SynthScenesDataModule
 from polytask.models import HardSharing
 from polytask.models.taskexpert import TaskExpert
 from polytask.tasks import build_task
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check_summary  # noqa: E402
@@ -175,15 +175,14 @@ FIT_MODES = {
 def test_fit_with_the_package_defaults(device: str, mode: str, tmp_path: Path) -> None:
     """``polytask fit`` of hard sharing (bilinear upsampling in its decoder) with the package's ``deterministic``
     default, in bf16-mixed, and as DDP on one device (NCCL on a GPU, gloo on the CPU)."""
-    args = ["fit", "--config", str(REPO / "configs" / "hard_sharing_synthscenes.yaml"), "--run_name", "gpu_check"]
+    args = ["fit", "--config", HARD_SHARING_CONFIG, "--run_name", "gpu_check"]
     args += ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1"]
     args += ["--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), *FIT_MODES[mode]]
     args += ["--data.init_args.num_train", "8", "--data.init_args.num_val", "4", "--data.init_args.batch_size", "4"]
     args += ["--data.init_args.image_size", "[32, 48]"]
-    env = {**os.environ, "POLYTASK_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", "from polytask.cli import main; main()", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [*POLYTASK, *args], cwd=tmp_path, env=subprocess_env(POLYTASK_CACHE=str(tmp_path / "cache")),
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

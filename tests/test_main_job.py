@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import CONFIGS
 from polytask.config import DEFAULT_CONFIG, MAIN_JOB_CONFIG, default_configs, instantiate, lightning_main
 from polytask.models.taskexpert import TaskExpert
 from polytask.training import MetricReport, PredictionWriter, ValidationImages
 from polytask.training.standard_callbacks import add_standard_callbacks
 
-REPO = Path(__file__).resolve().parents[1]
 # the main job's network at a tiny size: 2 blocks, MMoE after both
 TINY_MAIN_JOB = [
     "--data.num_train", "16", "--data.num_val", "8", "--data.image_size", "[32, 48]", "--data.batch_size", "4",
@@ -20,27 +20,20 @@ TINY_MAIN_JOB = [
 ]  # fmt: skip
 
 
-@pytest.fixture()
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 def test_the_main_job_is_taskexpert_on_synthscenes_and_other_networks_are_one_config_away(workdir: Path) -> None:
     main_job = yaml.safe_load(Path(MAIN_JOB_CONFIG).read_text())
     assert main_job["model"]["init_args"]["net"]["class_path"].endswith("TaskExpert")
     assert "net" not in yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["model"]["init_args"]
     assert default_configs([]) == [DEFAULT_CONFIG, MAIN_JOB_CONFIG]
-    assert default_configs(["--config", str(REPO / "configs" / "data" / "folder.yaml")]) == [DEFAULT_CONFIG, MAIN_JOB_CONFIG]
-    assert default_configs(["--config", str(REPO / "configs" / "hard_sharing_synthscenes.yaml")]) == [DEFAULT_CONFIG]
+    assert default_configs(["--config", str(CONFIGS / "data" / "folder.yaml")]) == [DEFAULT_CONFIG, MAIN_JOB_CONFIG]
+    assert default_configs(["--config", str(CONFIGS / "hard_sharing_synthscenes.yaml")]) == [DEFAULT_CONFIG]
     assert default_configs(["--model.net", "polytask.models.HardSharing"]) == [DEFAULT_CONFIG]
     cli = instantiate()
     assert isinstance(cli.model.net, TaskExpert)
     assert cli.model.net.mmoe_blocks == [2, 4, 6] and type(cli.datamodule).__name__ == "SynthScenesDataModule"
     # a config naming another network gets none of the main job's network options (they would leak
     # into any network that shares an option name, e.g. backbone_options)
-    hard = instantiate([str(REPO / "configs" / "hard_sharing_synthscenes.yaml")])
+    hard = instantiate([str(CONFIGS / "hard_sharing_synthscenes.yaml")])
     assert type(hard.model.net).__name__ == "HardSharing"
     assert hard.model.config_json.count("patch_size") == 0
 

@@ -9,7 +9,6 @@ random fixtures was checked outside the repository (see docs/evaluation.md).
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import tiny_hard_sharing
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.metrics import (
     AttributeMetric,
@@ -31,7 +31,6 @@ from polytask.metrics import (
     protocol_setting,
 )
 from polytask.metrics.maximum_roaming import median_as_numpy
-from polytask.models.baselines import HardSharing
 from polytask.tasks import build_task
 from polytask.training import MetricReport
 from polytask.training.module import MultiTaskModule
@@ -236,7 +235,7 @@ def test_shape_and_label_errors() -> None:
 def test_module_validates_under_the_protocol_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tasks = ["semseg", "depth", "normals"]
     data = SynthScenesDataModule(tasks, num_train=2, num_val=3, image_size=(32, 48), cache_dir=str(tmp_path), batch_size=2)
-    net = functools.partial(HardSharing, backbone="test_resnet", decoder_channels=8, head_channels=4)
+    net = tiny_hard_sharing()
     model = MultiTaskModule(net=net, tasks=data.tasks, metric_protocol="maximum_roaming")
     assert isinstance(model.metrics["val"]["depth"], MaximumRoamingDepthMetric)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -3,7 +3,6 @@ every task's colourisation, at the size of the raw prediction files."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import tiny_hard_sharing
 from polytask.constants import IMAGENET_MEAN, IMAGENET_STD
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.evaluation.prediction_io import read_prediction
-from polytask.models.baselines import HardSharing
 from polytask.tasks import Task, build_task
 from polytask.training.module import MultiTaskModule
 from polytask.training.prediction_writer import PredictionWriter
@@ -216,7 +215,7 @@ def test_predict_dir_pictures_show_each_photo_at_its_own_size(tmp_path: Path, mo
         tasks=["semseg", "normals"], num_train=2, num_val=2, image_size=(32, 48), cache_dir=str(tmp_path / "cache"),
         eval_batch_size=2, predict_dir=str(folder), predict_size=(32, 48),
     )
-    net = functools.partial(HardSharing, backbone="test_resnet", decoder_channels=16, head_channels=8)
+    net = tiny_hard_sharing(16, 8)
     model = MultiTaskModule(net, datamodule.tasks)
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[PredictionWriter(str(tmp_path / "PRED"))])

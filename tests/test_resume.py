@@ -4,11 +4,9 @@ ends with the same weights and metrics as an uninterrupted run; the training ord
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,24 +18,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import Dataset
 
+from conftest import CONFIGS, HARD_SHARING_CONFIG, POLYTASK, subprocess_env
 from polytask.config import PolytaskCLI, config_cli
 from polytask.data.datamodule import ResumableLoader, ResumableSampler, SeededSamples
 from polytask.data.datasets.synthscenes import SynthScenes
 from polytask.training.checkpoint import ResumableCheckpoint, check_plain, last_checkpoints, read_checkpoint
 from polytask.training.run_folder import assign_run_folder
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS_PER_EPOCH = 8
 KILL_AT_STEP = 10
 TIMEOUT_S = 600
-HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 
 
 def fit_args(cache: Path, *extra: str) -> list[str]:
     """``polytask fit`` of a tiny stochastic model (drop path, flips) checkpointing every step."""
     return [
         "fit",
-        "--config", HARD_SHARING,
+        "--config", HARD_SHARING_CONFIG,
         "--trainer.max_epochs", "2",
         "--trainer.callbacks.every_n_train_steps", "1",
         "--trainer.log_every_n_steps", "1",
@@ -57,11 +54,10 @@ def fit_args(cache: Path, *extra: str) -> list[str]:
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     """``polytask ARGS`` in a subprocess (one thread, so every run computes alike)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", "from polytask.cli import main; main()", *args],
+        [*POLYTASK, *args],
         cwd=cwd,
-        env=env,
+        env=subprocess_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
         stdout=(cwd / "stdout.txt").open("w"),
         stderr=subprocess.STDOUT,
     )

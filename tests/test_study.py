@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, subprocess_env
 from polytask.cli import main
 from polytask.cli.study import main as study_main
 from polytask.metrics import delta_m
@@ -16,9 +17,6 @@ from polytask.study.report import load_runs, write_report
 from polytask.study.runner import run_study
 from polytask.study.spec import StudyError, load_study, parse_study, run_folder
 from polytask.study.stats import summarize_seeds
-
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 
 def test_summarize_two_seeds_by_hand() -> None:
@@ -139,8 +137,7 @@ arms:
 
 
 def test_study_runs_resumes_after_interruption_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))
-    monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])  # the workers import _study_interrupt
     marker = tmp_path / "interrupted"
     study_file = tmp_path / "tiny.yaml"
     study_file.write_text(STUDY.format(repo=REPO, marker=marker))

@@ -4,7 +4,6 @@ LearningRateMonitor's learning rate in TensorBoard and in the CSV metrics."""
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import logging
 from pathlib import Path
@@ -20,9 +19,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import tiny_hard_sharing
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.data.transforms import denormalize
-from polytask.models import HardSharing
 from polytask.tasks import AttributeTask, DepthTask, NormalsTask, SaliencyTask, SegmentationTask, build_task
 from polytask.training import MultiTaskModule, ValidationImages
 from polytask.training.validation_images import PANEL_GAP, colorize_target, subsample_stride
@@ -35,7 +34,7 @@ NUM_IMAGES = 5  # more than a batch (4): the samples come from the first two bat
 
 def tiny_setup(cache: Path) -> tuple[MultiTaskModule, SynthScenesDataModule]:
     data = SynthScenesDataModule(TASKS, num_train=8, num_val=6, image_size=(H, W), cache_dir=str(cache), batch_size=4)
-    net = functools.partial(HardSharing, backbone="test_resnet", decoder_channels=8, head_channels=4)
+    net = tiny_hard_sharing()
     return MultiTaskModule(net=net, tasks=data.tasks, default_loss_weights=data.loss_weights), data
 
 

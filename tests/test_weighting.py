@@ -11,9 +11,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import HARD_SHARING_CONFIG, tiny_hard_sharing, tiny_synthscenes
 from polytask.config import instantiate
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
-from polytask.models import HardSharing
 from polytask.models.taskexpert import TaskExpert
 from polytask.training.checkpoint import AtomicCheckpointIO, check_plain
 from polytask.training.module import MultiTaskModule
@@ -29,7 +29,6 @@ from polytask.weighting import (
 
 TASKS = ("semseg", "depth", "sal")
 NAMES = ["a", "b"]
-HARD_SHARING = str(Path(__file__).resolve().parents[1] / "configs" / "hard_sharing_synthscenes.yaml")
 
 
 def losses(*values: float) -> dict[str, torch.Tensor]:
@@ -42,7 +41,7 @@ def ready(weighting: Weighting, loss_weights: dict[str, float] | None = None) ->
 
 
 def hard_net() -> functools.partial:
-    return functools.partial(HardSharing, backbone="test_resnet", decoder_channels=8, head_channels=4)
+    return tiny_hard_sharing()
 
 
 def taskexpert_net() -> functools.partial:
@@ -54,7 +53,7 @@ def taskexpert_net() -> functools.partial:
 
 def tiny_data(cache: Path) -> SynthScenesDataModule:
     """8 training images in batches of 4: two steps per epoch."""
-    return SynthScenesDataModule(list(TASKS), num_train=8, num_val=4, image_size=(32, 48), cache_dir=str(cache), batch_size=4)
+    return tiny_synthscenes(TASKS, cache)
 
 
 def module(
@@ -280,7 +279,7 @@ def test_checkpoint_round_trip_restores_the_strategy_state(strategy: str, tmp_pa
 def test_cli_selects_a_strategy_and_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("POLYTASK_CACHE", str(tmp_path / "cache"))
-    tiny = ["--config", HARD_SHARING, "--data.num_train", "8", "--data.num_val", "4", "--data.image_size", "[32, 48]",
+    tiny = ["--config", HARD_SHARING_CONFIG, "--data.num_train", "8", "--data.num_val", "4", "--data.image_size", "[32, 48]",
             "--model.net.init_args.decoder_channels", "8", "--model.net.init_args.head_channels", "4"]  # fmt: skip
     cli = instantiate(overrides=[*tiny, "--model.init_args.weighting", "polytask.weighting.DynamicWeightAverage",
                                  "--model.init_args.weighting.init_args.temperature", "3"])  # fmt: skip

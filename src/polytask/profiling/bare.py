@@ -59,6 +59,10 @@ class BareNet(nn.Module):
             for name, head in self.heads.items()
         }
 
+    def aux_loss(self) -> None:
+        """No extra loss (:class:`~polytask.training.MultiTaskModule` asks its network for one in every training step)."""
+        return None
+
 
 def make_bare_net(net: MultiTaskNet, tasks: Sequence[Task], image_size: Sequence[int]) -> tuple[BareNet | None, str | None]:
     """The :class:`BareNet` of ``net``'s shared backbone (:meth:`MultiTaskNet.shared_backbone`), or

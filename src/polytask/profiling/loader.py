@@ -57,6 +57,22 @@ def _batch_len(batch: Any) -> int:
     return int(batch["image"].shape[0])
 
 
+def _stop_workers(loader: DataLoader) -> None:
+    """End the worker processes a loader with ``persistent_workers`` keeps for its next epoch.
+
+    Left to the garbage collector, they are shut down after their queues are gone: 5 s of waiting
+    per worker, at whatever moment the collector runs (as Lightning does after each loop, the
+    loader's private iterator is shut down here).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    loader._iterator = None
+
+
 def measure_loader(datamodule: MultiTaskDataModule, batches: int) -> tuple[LoaderStats, dict[str, Any]]:
     """Iterate the training loader for ``1 + batches`` batches and time the last ``batches``.
 
@@ -78,15 +94,18 @@ def measure_loader(datamodule: MultiTaskDataModule, batches: int) -> tuple[Loade
     if callable(prepare):
         prepare()
     stream = _batches(loader)
-    start = time.perf_counter()
-    first_batch = next(stream)
-    first = time.perf_counter() - start
-    samples = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        samples += _batch_len(next(stream))
-    seconds = time.perf_counter() - start
-    stream.close()
+    try:
+        start = time.perf_counter()
+        first_batch = next(stream)
+        first = time.perf_counter() - start
+        samples = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            samples += _batch_len(next(stream))
+        seconds = time.perf_counter() - start
+    finally:
+        stream.close()
+        _stop_workers(loader)
     stats = LoaderStats(
         batches=batches,
         batch_size=int(loader.batch_size or 0),
