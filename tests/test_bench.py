@@ -273,8 +273,8 @@ def test_interleaved_timing_without_warmup_drops_a_variant_that_fails() -> None:
 def test_bench_profile_on_cpu_prints_no_gpu_probing_errors(workdir: Path) -> None:
     """The profiler's library logs "gpuGetDeviceCount failed" on CPU-only machines unless bench quiets it."""
     config = CONFIGS / "hard_sharing_synthscenes_etr.yaml"
-    args = ["--config", str(config), "--steps", "1", "--warmup", "1", "--modes", "fp32", "--threads", "1",
-            "--device", "cpu", "--loader-batches", "0", "--profile", "2"]
+    args = ["--config", str(config), "--steps", "1", "--warmup", "0", "--modes", "fp32", "--threads", "1",
+            "--device", "cpu", "--loader-batches", "0", "--no-bare", "--no-memory", "--profile", "2"]  # fmt: skip
     env = {k: v for k, v in subprocess_env().items() if k != "KINETO_LOG_LEVEL"}
     done = subprocess.run([*POLYTASK, "bench", *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
