@@ -83,7 +83,7 @@ run_step() {
 }
 
 if [ -x "$(dirname "$PY")/polytask" ]; then POLYTASK=("$(dirname "$PY")/polytask")
-else POLYTASK=("$PY" -c "from polytask.cli import main; main()"); fi
+else POLYTASK=("$PY" -m polytask); fi
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu
     SIZE_VITL=(--image-size 64 64)

@@ -263,7 +263,7 @@ def targets(nyud_root: Path, threads: int) -> list[Target]:
         "--config", "configs/taskexpert_pascal_vitb.yaml", "--image-size", "224", "224", "--batch-size", "2",
         "--modes", "fp32,bf16", "--steps", "7", "--warmup", "2", "--loader-batches", "0", "--profile", "8", *common,
         "--", "--model.init_args.net.init_args.backbone", "vit_small_patch16_224",
-        "--model.init_args.net.init_args.width", "128", "--model.init_args.net.init_args.head_channels", "128",
+        "--model.init_args.net.init_args.width", "128", "--model.init_args.net.init_args.head_channels", "null",
     ]
 
     def judge_vit(runs: Mapping[str, Run]) -> list[str]:
