@@ -23,6 +23,9 @@
 #   bench_etr_nlp_vs_hard_sharing   polytask bench --versus: hard sharing (configs/etr_nlp_nyuv2.yaml +
 #                  configs/etr_nlp_baseline_hard_sharing_segnet.yaml, layered as its header says) against
 #                  ETR-NLP (configs/etr_nlp_nyuv2.yaml) at 288x384, fp32 and bf16, one interleaved run
+#   task_batching  ETR-NLP's all-task forward with the task paths stacked vs looped (benchmarks/etr_nlp_task_batching.py,
+#                  NYUv2 SegNet widths, T = 3, batch 2 and 8 at 288x384): checks `task_batching: auto`'s assumption
+#                  that stacking is the faster mode on a GPU (task_batching.md, task_batching.json)
 #   summary        OUT_DIR/summary.json and OUT_DIR/summary.md (benchmarks/gpu_check_summary.py)
 # Dry run: --device cpu --image-size 64 64 --batch-size 1 --steps 1 --warmup 0 --threads 1, and SGD for ViT-L
 # (Adam's state would be 2.7 GB of host memory). Pretrained weights are never loaded by polytask bench.
@@ -91,6 +94,7 @@ if [ "$DRY_RUN" = 1 ]; then
     TIMING=(--batch-size 1 --steps 1 --warmup 0 --threads 1)
     TIMING_NYUV2=("${TIMING[@]}")
     VITL_OVERRIDES=(-- --model.optimizer torch.optim.SGD)
+    TASK_BATCHING=(--filters 8 16 16 32 32 --tasks 3 --sizes 1x32x32 --repeats 1 --warmup 0 --threads 1)
     TEST_KEYWORDS="cuda"
 else
     DEVICE=cuda
@@ -99,6 +103,7 @@ else
     TIMING=(--steps 5 --warmup 2)
     TIMING_NYUV2=(--steps 3 --warmup 1)
     VITL_OVERRIDES=()
+    TASK_BATCHING=(--filters 64 128 256 512 512 --tasks 3 --sizes 2x288x384 8x288x384 --repeats 5 --warmup 2)
     TEST_KEYWORDS="cuda or test_the_main_job_prints_its_table or test_sigkill_mid_epoch_then_resume"
 fi
 
@@ -118,6 +123,9 @@ run_step bench_etr_nlp_vs_hard_sharing 160 bench_etr_nlp_vs_hard_sharing.json "$
     --config configs/etr_nlp_nyuv2.yaml --config configs/etr_nlp_baseline_hard_sharing_segnet.yaml \
     --versus configs/etr_nlp_nyuv2.yaml "${SIZE_NYUV2[@]}" --modes fp32,bf16 --device "$DEVICE" \
     "${TIMING_NYUV2[@]}" --loader-batches 0 --no-bare --json "$OUT/bench_etr_nlp_vs_hard_sharing.json"
+
+run_step task_batching 60 task_batching.md "$PY" benchmarks/etr_nlp_task_batching.py --device "$DEVICE" \
+    "${TASK_BATCHING[@]}" --json "$OUT/task_batching.json" --markdown "$OUT/task_batching.md"
 
 MODE=gpu
 [ "$DRY_RUN" = 1 ] && MODE=dry-run

@@ -174,6 +174,7 @@ def build_summary(out_dir: Path, mode: str, wall_s: float) -> dict[str, Any]:
         "steps": [],
         "tests": None,
         "benchmarks": {},
+        "tables": {},
     }
     for step in steps:
         if step["status"] != "ok":
@@ -193,6 +194,8 @@ def build_summary(out_dir: Path, mode: str, wall_s: float) -> dict[str, Any]:
                 except (ValueError, KeyError, TypeError) as err:
                     entry["error"] = f"unreadable report: {type(err).__name__}: {err}"
             summary["benchmarks"][step["name"]] = entry
+        elif output is not None and output.suffix == ".md" and output.exists():
+            summary["tables"][step["name"]] = output.read_text()
     return summary
 
 
@@ -266,6 +269,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                 lines.append(f"| {row['key']} | {_ms(row['base_median_ms'])} | {_ms(row['versus_median_ms'])} | {row['ratio']:.3f} |")
         if bench.get("skipped"):
             lines += [""] + [f"- skipped {k}: {v}" for k, v in bench["skipped"].items()]
+    for name, table in summary.get("tables", {}).items():
+        lines += ["", f"## {name}", "", table.rstrip()]
     return "\n".join(lines) + "\n"
 
 

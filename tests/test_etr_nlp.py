@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -26,6 +27,7 @@ from polytask.models.etr_nlp import (
     RoutingKind,
     TaskBatchNorm,
     TaskRouter,
+    choose_task_batching,
 )
 from polytask.models.etr_nlp.segnet import max_unpool
 from polytask.tasks import build_task
@@ -173,6 +175,72 @@ def test_batched_mode_is_bit_equal_to_per_task_mode_in_float64(name: str, option
     batched = net(images)
     for task in tasks:
         torch.testing.assert_close(batched[task.name], net.forward_task(images, task.name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["etr_nlp_segnet", "task_routing_segnet", "etr_nlp_timm_resnet"])
+def test_looped_and_stacked_task_paths_give_equal_outputs_gradients_and_statistics_in_float64(name: str) -> None:
+    options = {"decoder_channels": 8, "head_channels": 4, **TINY_RESNET} if name == "etr_nlp_timm_resnet" else TINY_SEGNET
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    runs = {}
+    for mode in ("stacked", "loop"):
+        torch.manual_seed(0)
+        net = create_model(name, dense_tasks(), task_batching=mode, **options).double().train()
+        outputs = net(images)
+        sum(out.pow(2).mean() for out in outputs.values()).backward()
+        runs[mode] = (outputs, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}, dict(net.named_buffers()))
+    (out_s, grad_s, buf_s), (out_l, grad_l, buf_l) = runs["stacked"], runs["loop"]
+    assert out_s.keys() == out_l.keys() and grad_s.keys() == grad_l.keys() and len(grad_s) > 0
+    for key in out_s:
+        torch.testing.assert_close(out_s[key], out_l[key], rtol=0, atol=0)
+    for key in grad_s:
+        torch.testing.assert_close(grad_s[key], grad_l[key], rtol=1e-12, atol=1e-14, msg=key)
+    for key in buf_s:
+        torch.testing.assert_close(buf_s[key], buf_l[key], rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_auto_task_batching_loops_only_in_large_cpu_training_steps() -> None:
+    # first layer: 8 channels at stride 2; 4 tasks; 2 images of 32x64 -> 4 * 2 * 16 * 32 * 8 = 32768 elements
+    images = torch.empty(2, 3, 32, 64)
+    first = (8, 2)
+    with mock.patch("polytask.models.etr_nlp.net.LOOP_ABOVE_ELEMENTS", 32768):
+        assert choose_task_batching("auto", images, 4, first) == "stacked"
+    with mock.patch("polytask.models.etr_nlp.net.LOOP_ABOVE_ELEMENTS", 32767):
+        assert choose_task_batching("auto", images, 4, first) == "loop"
+        assert choose_task_batching("auto", torch.empty(2, 3, 31, 63), 4, first) == "loop"  # odd sizes round up
+        with torch.no_grad():
+            assert choose_task_batching("auto", images, 4, first) == "stacked"
+        assert choose_task_batching("auto", images.to("meta"), 4, first) == "stacked"  # not a CPU
+        assert choose_task_batching("stacked", images, 4, first) == "stacked"
+    assert choose_task_batching("loop", images, 4, first) == "loop"
+
+
+def test_first_convolution_reads_the_plain_trunk() -> None:
+    assert tiny_segnet().first_layer == (8, 1)
+    assert create_model("etr_nlp_resnet18", attribute_tasks(), **TINY_RESNET).first_layer == (64, 2)  # timm's stem conv1
+
+
+def test_auto_task_batching_calls_the_trunk_once_per_task_in_large_training_steps() -> None:
+    net = tiny_segnet().train()
+    calls: list[int] = []
+    net.trunk.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    images = torch.randn(2, 3, 32, 32)
+    elements = 3 * 2 * 32 * 32 * 8
+    with mock.patch("polytask.models.etr_nlp.net.LOOP_ABOVE_ELEMENTS", elements - 1):
+        net(images)
+        assert calls == [2, 2, 2]
+        calls.clear()
+        with torch.no_grad():
+            net(images)
+        assert calls == [6]
+        calls.clear()
+    with mock.patch("polytask.models.etr_nlp.net.LOOP_ABOVE_ELEMENTS", elements):
+        net(images)
+    assert calls == [6]
+
+
+def test_task_batching_rejects_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="task_batching must be one of"):
+        tiny_segnet(task_batching="parallel")
 
 
 def test_batched_mode_updates_each_task_running_statistics_like_per_task_mode() -> None:

@@ -217,6 +217,7 @@ def test_summary_writer_reports_steps_tests_benchmarks_and_versus_ratios(tmp_pat
         ("tests", "1", "30", "200", "failed", "tests.xml", "python -m pytest"),
         ("bench_taskexpert_vitl", "124", "150", "150", "timeout", "bench_taskexpert_vitl.json", "polytask bench"),
         ("bench_etr_nlp_vs_hard_sharing", "0", "40", "180", "ok", "bench_etr_nlp_vs_hard_sharing.json", "polytask bench --versus"),
+        ("task_batching", "0", "20", "60", "ok", "task_batching.md", "python benchmarks/etr_nlp_task_batching.py"),
     ]
     (out / "steps.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
     (out / "logs" / "tests.log").write_text("collected 3 items\nFAILED tests/x.py::test_b\n")
@@ -233,10 +234,12 @@ def test_summary_writer_reports_steps_tests_benchmarks_and_versus_ratios(tmp_pat
     other["comparison"] = [{"key": "model/fp32/eager/train", "base_median_ms": 4.0, "versus_median_ms": 30.0, "ratio": 7.5}]
     other["ratios"] = {"versus_over_base/model/fp32/eager/train": 7.5}
     (out / "bench_etr_nlp_vs_hard_sharing.json").write_text(json.dumps({**base, "versus": other}))
+    (out / "task_batching.md").write_text("| T | loop / stacked train |\n|---|---|\n| 3 | 1.40 |\n")
 
     summary = gpu_check_summary.write_summary(out, "gpu", 222.0)
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert [s["status"] for s in summary["steps"]] == ["ok", "failed", "timeout", "ok"]
+    assert [s["status"] for s in summary["steps"]] == ["ok", "failed", "timeout", "ok", "ok"]
+    assert summary["tables"] == {"task_batching": "| T | loop / stacked train |\n|---|---|\n| 3 | 1.40 |\n"}
     assert "FAILED tests/x.py::test_b" in summary["steps"][1]["log_tail"] and "log_tail" not in summary["steps"][0]
     tests = summary["tests"]
     assert (tests["total"], tests["passed"], tests["failed"], tests["skipped"]) == (3, 1, 1, 1)
@@ -251,6 +254,7 @@ def test_summary_writer_reports_steps_tests_benchmarks_and_versus_ratios(tmp_pat
     assert "| bench_taskexpert_vitl | timeout | 124 | 150 | 150 |" in markdown
     assert "1 passed, 1 failed, 0 errors, 1 skipped" in markdown and "- FAILED tests.x::test_b" in markdown
     assert "| model/fp32/eager/train | 4.0 | 30.0 | 7.500 |" in markdown
+    assert markdown.endswith("## task_batching\n\n| T | loop / stacked train |\n|---|---|\n| 3 | 1.40 |\n")
 
 
 def test_summary_is_written_when_every_step_failed_before_writing_anything(tmp_path: Path) -> None:
@@ -268,7 +272,7 @@ def _check_dry_run_summary(out: Path) -> dict:
     assert summary["mode"] == "dry-run" and summary["wall_s"] > 0
     assert summary["device"]["torch"] == torch.__version__ and summary["device"]["name"].startswith("cpu")
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["env", "tests", "bench_taskexpert_vitl", "bench_etr_nlp_vs_hard_sharing"]
+    assert list(steps) == ["env", "tests", "bench_taskexpert_vitl", "bench_etr_nlp_vs_hard_sharing", "task_batching"]
     assert all(s["status"] == "ok" and s["rc"] == 0 and s["wall_s"] >= 0 for s in steps.values()), steps
     tests = summary["tests"]
     assert tests["failed"] == tests["errors"] == 0 and tests["skipped"] == tests["total"] > 0
@@ -291,6 +295,7 @@ def _check_dry_run_summary(out: Path) -> dict:
         assert row["base_median_ms"] == base and row["versus_median_ms"] == other
         assert row["ratio"] == pytest.approx(other / base, rel=1e-12)
         assert etr["versus_ratios"][f"versus_over_base/{row['key']}"] == row["ratio"]
+    assert "| 3 | 1x32x32 | 24,576 |" in summary["tables"]["task_batching"]
     markdown = (out / "summary.md").read_text()
     assert markdown.startswith("# GPU check (dry-run)") and "| bench_etr_nlp_vs_hard_sharing | ok | 0 |" in markdown
     return summary

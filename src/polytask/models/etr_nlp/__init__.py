@@ -9,7 +9,7 @@ and ``etr_nlp_timm_resnet``, in :data:`polytask.models.MODEL_REGISTRY`.
 
 from polytask.models.etr_nlp.conversion import Routing, RoutingKind, route_modules
 from polytask.models.etr_nlp.layers import BlockBatchNorm, ETRNLPModule, RoutedConv, TaskBatchNorm, TaskChannelMask
-from polytask.models.etr_nlp.net import RoutedNet, register_routing_variants
+from polytask.models.etr_nlp.net import LOOP_ABOVE_ELEMENTS, RoutedNet, TaskBatching, choose_task_batching, register_routing_variants
 from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions
 from polytask.models.etr_nlp.primitives import DEFAULT_PRIMITIVES, PRIMITIVES, build_primitive
 from polytask.models.etr_nlp.resnet import ETRNLPTimmResNet, RoutedResNet
@@ -17,13 +17,14 @@ from polytask.models.etr_nlp.segnet import RoutedSegNet, SegNetTrunk
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
 
 __all__ = [
-    "BlockBatchNorm",
     "DEFAULT_PRIMITIVES",
+    "LOOP_ABOVE_ELEMENTS",
+    "PRIMITIVES",
+    "BlockBatchNorm",
     "ETRNLPModule",
     "ETRNLPTimmResNet",
     "NLPBlock",
     "NLPOptions",
-    "PRIMITIVES",
     "RoutedConv",
     "RoutedNet",
     "RoutedResNet",
@@ -32,9 +33,11 @@ __all__ = [
     "RoutingKind",
     "SegNetTrunk",
     "TaskBatchNorm",
+    "TaskBatching",
     "TaskChannelMask",
     "TaskRouter",
     "build_primitive",
+    "choose_task_batching",
     "register_routing_variants",
     "route_modules",
 ]

@@ -4,7 +4,7 @@ registration of an architecture's routing variants."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -15,6 +15,49 @@ from polytask.models.etr_nlp.layers import RoutedConv, TaskBatchNorm, TaskBranch
 from polytask.models.etr_nlp.nlp import NLPOptions
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
 from polytask.tasks import Task
+
+TaskBatching = Literal["auto", "stacked", "loop"]
+"""How :meth:`RoutedNet.forward` runs the paths of several tasks: see :func:`choose_task_batching`."""
+
+LOOP_ABOVE_ELEMENTS = 3_000_000
+"""``auto`` loops over the tasks of a CPU training step when the first layer's stacked output would
+hold more elements than this (3 M: 12 MB in float32); measured with
+``benchmarks/etr_nlp_task_batching.py`` (benchmarks/RESULTS.md)."""
+
+
+def choose_task_batching(
+    mode: TaskBatching, images: torch.Tensor, num_tasks: int, first_layer: tuple[int, int]
+) -> Literal["stacked", "loop"]:
+    """The way :meth:`RoutedNet.forward` runs ``num_tasks`` task paths on ``images`` ``(B, 3, H, W)``.
+
+    ``stacked``: the task paths in one call, their images stacked along the batch axis;
+    ``loop``: one call per task. Both give the same outputs and gradients (equal in float64).
+    ``auto`` loops only in a CPU training step (autograd recording) whose first layer's stacked
+    output, ``num_tasks * B * (H / s) * (W / s) * C`` elements for a first convolution of ``C``
+    channels and stride ``s`` (``first_layer = (C, s)``), exceeds :data:`LOOP_ABOVE_ELEMENTS`:
+    there oneDNN runs the larger batch slower than separate calls (up to 1.6x). Inference and
+    smaller steps stay stacked, which is as fast or faster on a CPU, and so is every step on an
+    accelerator, where a larger batch keeps the device busy (our assumption, measured by
+    ``benchmarks/gpu_check.sh`` when a GPU is available).
+    """
+    if mode != "auto":
+        return mode
+    if images.device.type != "cpu" or not torch.is_grad_enabled():
+        return "stacked"
+    batch, _, height, width = images.shape
+    channels, stride = first_layer
+    elements = num_tasks * batch * -(-height // stride) * -(-width // stride) * channels
+    return "loop" if elements > LOOP_ABOVE_ELEMENTS else "stacked"
+
+
+def first_convolution(trunk: nn.Module) -> tuple[int, int]:
+    """``(output channels, stride)`` of the first ``Conv2d`` of ``trunk`` (in registration order);
+    ``(3, 1)`` if it has none."""
+    conv = next((m for m in trunk.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return 3, 1
+    stride = conv.stride[0] if isinstance(conv.stride, tuple) else int(conv.stride)
+    return conv.out_channels, stride
 
 
 class RoutedNet(MultiTaskNet):
@@ -27,10 +70,11 @@ class RoutedNet(MultiTaskNet):
     Forward modes:
 
     * per-task (:meth:`forward_task`): the trunk runs the path of one task, then its head;
-    * batched (:meth:`forward_tasks`, and ``forward``): the paths of several tasks run in one
-      call, their images stacked along the batch axis (task convolutions as one grouped
-      convolution, batch norm statistics per task block); the outputs equal those of the
-      per-task mode.
+    * batched (:meth:`forward_tasks`): the paths of several tasks run in one call, their images
+      stacked along the batch axis (task convolutions as one grouped convolution, batch norm
+      statistics per task block); the outputs equal those of the per-task mode;
+    * all tasks (``forward``): batched, or a loop over the per-task mode, as ``task_batching``
+      says (:func:`choose_task_batching`); same outputs and gradients either way.
 
     A network whose trunk is shared (``hard_sharing``, ``nlp``) runs the trunk once for all heads.
 
@@ -47,6 +91,8 @@ class RoutedNet(MultiTaskNet):
         active_ratio: channels kept per task (``task_routing`` only; default 0.5).
         seed: seed of the primitives and masks.
         task_branch: ETR-NLP's task-specific branch, ``nlp`` (default) or ``conv`` (``etr_nlp`` only).
+        task_batching: how ``forward`` runs the task paths: ``auto`` (default), ``stacked`` or
+            ``loop`` (:func:`choose_task_batching`); no effect when the trunk is shared.
 
     The network's ``routing`` attribute is the :class:`Routing` (the kind and its options, defaults filled in).
     """
@@ -66,10 +112,15 @@ class RoutedNet(MultiTaskNet):
         active_ratio: float | None = None,
         seed: int = 0,
         task_branch: TaskBranch | None = None,
+        task_batching: TaskBatching = "auto",
     ) -> None:
         super().__init__(tasks)
         if set(heads) != set(self.task_names):
             raise ValueError(f"heads {sorted(heads)} do not match the tasks {self.task_names}")
+        if task_batching not in get_args(TaskBatching):
+            raise ValueError(f"task_batching must be one of {get_args(TaskBatching)}, got {task_batching!r}")
+        self.task_batching = task_batching
+        self.first_layer = first_convolution(trunk)
         self.routing = Routing(routing, gamma, nlp, active_ratio, seed, task_branch)
         self.router = TaskRouter(len(self.tasks))
         self.task_index = {name: i for i, name in enumerate(self.task_names)}
@@ -95,7 +146,10 @@ class RoutedNet(MultiTaskNet):
         return self.forward_tasks(images, [name])[name]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All tasks in the batched mode: ``(B, 3, H, W)`` -> ``{task: output}``."""
+        """All tasks, stacked or in a loop as ``task_batching`` says: ``(B, 3, H, W)`` -> ``{task: output}``."""
+        mode = choose_task_batching(self.task_batching, images, len(self.task_names), self.first_layer)
+        if self.routing.task_conditioned and mode == "loop":
+            return {name: self.forward_task(images, name) for name in self.task_names}
         return self.forward_tasks(images, self.task_names)
 
     @property

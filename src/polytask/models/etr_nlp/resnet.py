@@ -13,7 +13,7 @@ from torch import nn
 from polytask.models.backbones import TimmBackbone, create_timm_model
 from polytask.models.base import register_model
 from polytask.models.etr_nlp.layers import TaskBranch
-from polytask.models.etr_nlp.net import RoutedNet, register_routing_variants
+from polytask.models.etr_nlp.net import RoutedNet, TaskBatching, register_routing_variants
 from polytask.models.etr_nlp.nlp import NLPOptions
 from polytask.models.heads import FusionDecoder, make_head
 from polytask.tasks import Task
@@ -117,6 +117,7 @@ class ETRNLPTimmResNet(RoutedNet):
         nlp: NLP options.
         seed: seed of the primitives.
         task_branch: task-specific branch, ``nlp`` (default) or ``conv``.
+        task_batching: how ``forward`` runs the task paths (:func:`~polytask.models.etr_nlp.net.choose_task_batching`).
     """
 
     def __init__(
@@ -131,10 +132,12 @@ class ETRNLPTimmResNet(RoutedNet):
         nlp: NLPOptions | None = None,
         seed: int = 0,
         task_branch: TaskBranch | None = None,
+        task_batching: TaskBatching = "auto",
     ) -> None:
         encoder = TimmBackbone(backbone, out_indices, **(backbone_options or {}))
         trunk = BackboneDecoder(encoder, FusionDecoder(encoder.out_channels, decoder_channels))
         heads = {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in tasks}
         super().__init__(
-            tasks, trunk, heads, kaiming_init, routing="etr_nlp", gamma=gamma, nlp=nlp, seed=seed, task_branch=task_branch
+            tasks, trunk, heads, kaiming_init, routing="etr_nlp", gamma=gamma, nlp=nlp, seed=seed,
+            task_branch=task_branch, task_batching=task_batching,
         )
