@@ -30,7 +30,7 @@ from polytask.training.logged_config import LoggedConfigCallback
 from polytask.training.model_summary import with_net_flops
 from polytask.training.module import MultiTaskModule
 from polytask.training.run_folder import assign_run_folder
-from polytask.training.standard_callbacks import add_prediction_writer, add_standard_callbacks
+from polytask.training.standard_callbacks import add_interference_callback, add_prediction_writer, add_standard_callbacks
 
 # polytask passes the arguments it built (defaults first) while sys.argv holds the user's own
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -79,6 +79,8 @@ class PolytaskCLI(LightningCLI):
         named = config.get("weights") or config.get("ckpt_path")
         self.run_folder, self._assigned_versions = assign_run_folder(config, self.subcommand, named)
         add_standard_callbacks(config["trainer"])
+        if self.subcommand == "fit" and config.get("interference"):
+            add_interference_callback(config["trainer"], config["interference"])
         if self.subcommand == "predict":
             folder = self.run_folder or Path(config["trainer"]["default_root_dir"])
             add_prediction_writer(config["trainer"], str(folder / "predictions"))
@@ -101,6 +103,14 @@ class PolytaskCLI(LightningCLI):
             default=None,
             help="Name of the run's folder, <default_root_dir>/<run_name>/version_N (default: <dataset>_<model>, "
             "e.g. synthscenes_taskexpert; every config in configs/ sets its own).",
+        )
+        parser.add_argument(
+            "--interference",
+            type=int,
+            default=0,
+            help="fit: every N training steps, measure how the tasks' gradients on the shared parameters agree "
+            "(cosines, norm ratios; logged, and a heatmap in <run folder>/interference/ at the end); 0: off "
+            "(polytask.diagnostics.TaskInterference; docs/weighting.md).",
         )
         parser.add_argument(
             "--weights",

@@ -1,4 +1,4 @@
-"""Diagnostics of trained networks: expert usage of mixture-of-experts models."""
+"""Diagnostics of trained networks: expert usage of mixture-of-experts models, task interference."""
 
 from polytask.diagnostics.expert_usage import (
     ExpertUsageMonitor,
@@ -8,12 +8,18 @@ from polytask.diagnostics.expert_usage import (
     plot_dominant_experts,
     plot_usage_heatmaps,
 )
+from polytask.diagnostics.interference import InterferenceStats, TaskInterference, gradient_matrix, pairwise, plot_interference
 
 __all__ = [
     "ExpertUsageMonitor",
     "GateRecorder",
     "GateUsage",
+    "InterferenceStats",
+    "TaskInterference",
     "dominant_expert_maps",
+    "gradient_matrix",
+    "pairwise",
     "plot_dominant_experts",
+    "plot_interference",
     "plot_usage_heatmaps",
 ]

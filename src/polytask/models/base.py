@@ -28,7 +28,9 @@ class MultiTaskNet(nn.Module):
     * :meth:`aux_loss`: an extra loss of the last forward pass (TaskExpert's load balancing);
     * :meth:`shared_backbone`: the feature extractor shared by the tasks, which the benchmark's
       bare-network reference runs alone;
-    * :meth:`param_groups`: trainable parameters by component, for summaries.
+    * :meth:`param_groups`: trainable parameters by component, for summaries;
+    * :meth:`shared_parameters`: the trainable parameters every task's loss depends on (the task
+      interference diagnostics compare the tasks' gradients on them).
 
     Args:
         tasks: the tasks to predict (from the datamodule).
@@ -77,6 +79,12 @@ class MultiTaskNet(nn.Module):
         """The feature extractor shared by every task (``(B, 3, H, W)`` -> feature maps or tokens),
         or None when the network has none that runs alone."""
         return None
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters shared by every task: by default those of
+        :meth:`shared_backbone` (none when it is None); networks with more shared parts extend it."""
+        backbone = self.shared_backbone()
+        return [] if backbone is None else [p for p in backbone.parameters() if p.requires_grad]
 
 
 NetworkFactory = TypeVar("NetworkFactory", bound=Callable[..., MultiTaskNet])

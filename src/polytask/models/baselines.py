@@ -50,6 +50,10 @@ class HardSharing(MultiTaskNet):
         """The timm backbone (``(B, 3, H, W)`` -> its feature maps)."""
         return self.backbone
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The backbone's and the fusion decoder's trainable parameters (everything but the heads)."""
+        return [p for p in (*self.backbone.parameters(), *self.decoder.parameters()) if p.requires_grad]
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
             "backbone": list(self.backbone.parameters()),

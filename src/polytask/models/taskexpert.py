@@ -546,6 +546,11 @@ class TaskExpert(MultiTaskNet):
         """The ViT (``(B, 3, H, W)`` -> tokens), which the MMoE layers only read."""
         return self.backbone
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The ViT's and the experts' trainable parameters (not the gates, which are per task, nor the heads)."""
+        experts = [p for layer in self.mmoe for p in layer.experts.parameters()]
+        return [p for p in (*self.backbone.parameters(), *experts) if p.requires_grad]
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
             "backbone": list(self.backbone.parameters()),

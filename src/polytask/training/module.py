@@ -111,6 +111,9 @@ class MultiTaskModule(pl.LightningModule):
         self.loaded_position: tuple[int, int] | None = None
         """``(epoch, global step)`` recorded in the last checkpoint loaded, None when none was."""
         self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self.step_task_losses: dict[str, torch.Tensor] = {}
+        """The unweighted task losses of the training step in progress, with their graphs (read by
+        :class:`~polytask.diagnostics.TaskInterference` before the backward pass)."""
         self.config_json = self._describe(net)
 
     def evaluation_settings(self) -> dict[str, str]:
@@ -175,6 +178,7 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
+        self.step_task_losses = task_losses
         batch_size = batch["image"].shape[0]
         total = self.training_total(task_losses, batch_size)
         aux = self.net.aux_loss()

@@ -67,3 +67,19 @@ def add_prediction_writer(trainer: MutableMapping[str, Any] | Namespace, out_dir
         return False
     trainer["callbacks"] = [*callbacks, Namespace(class_path=PREDICTION_WRITER, init_args=Namespace(out_dir=out_dir))]
     return True
+
+
+INTERFERENCE = "polytask.diagnostics.TaskInterference"
+
+
+def add_interference_callback(trainer: MutableMapping[str, Any] | Namespace, every_n_steps: int) -> None:
+    """Append a :class:`~polytask.diagnostics.TaskInterference` measuring every ``every_n_steps`` steps
+    (``--interference N``), or set that option of the one ``callbacks`` lists already."""
+    if every_n_steps < 0:
+        raise ValueError(f"--interference takes a number of steps >= 0 (0: off), got {every_n_steps}")
+    callbacks = list(trainer.get("callbacks") or [])
+    for entry in callbacks:
+        if _class_name(entry) == INTERFERENCE.rpartition(".")[2] and isinstance(entry, (MutableMapping, Namespace)):
+            entry["init_args"] = Namespace(**{**dict(entry.get("init_args") or {}), "every_n_steps": every_n_steps})
+            return
+    trainer["callbacks"] = [*callbacks, Namespace(class_path=INTERFERENCE, init_args=Namespace(every_n_steps=every_n_steps))]

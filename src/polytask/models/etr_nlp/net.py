@@ -161,6 +161,11 @@ class RoutedNet(MultiTaskNet):
         """The routed trunk (``(B, 3, H, W)`` -> ``(B, C, h, w)``); alone, it runs its first task's path."""
         return self.trunk
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trunk's shared trainable parameters (``param_groups()["shared"]``: not the task
+        convolutions, task batch norms or heads)."""
+        return self.param_groups()["shared"]
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: ``shared`` trunk, ``task_specific`` trunk (task convs, task norms), ``heads``."""
         specific: dict[int, nn.Parameter] = {}
