@@ -20,6 +20,7 @@ from polytask.training.module import MultiTaskModule
 from polytask.training.per_task import PerTaskModule
 from polytask.weighting import (
     DynamicWeightAverage,
+    FAMO,
     EqualWeighting,
     FixedWeighting,
     RandomLossWeighting,
@@ -195,6 +196,43 @@ def test_rlw_weights_sum_to_t_are_seeded_and_survive_a_state_round_trip() -> Non
     assert float(total) == pytest.approx(float(w[0] * 2.0 + w[1] * 3.0))
 
 
+def test_famo_weights_are_its_softmax_over_the_losses_scaled_to_t() -> None:
+    w = ready(FAMO(eps=0.0 + 1e-12))
+    values = {n: torch.tensor(v, requires_grad=True) for n, v in zip(NAMES, (1.0, 3.0))}
+    total = w(values)  # equal logits: w ~ 1 / L, normalised to sum to T = 2 -> (1.5, 0.5)
+    total.backward()
+    assert float(total) == pytest.approx(1.5 * 1.0 + 0.5 * 3.0)
+    assert [float(values[n].grad) for n in NAMES] == pytest.approx([1.5, 0.5])
+    assert [float(w.last_weights[n]) for n in NAMES] == pytest.approx([1.5, 0.5])
+
+
+def test_famo_moves_weight_to_the_task_whose_loss_fell_less() -> None:
+    w = ready(FAMO())
+    w.update(losses(1.0, 1.0))
+    assert torch.equal(w.logits, torch.zeros(2, dtype=torch.float64))  # nothing to compare with yet
+    w.update(losses(0.5, 0.9))  # task a's log-loss fell more
+    assert float(w.logits[0]) < float(w.logits[1])
+    z = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    delta = torch.log(torch.tensor([1.0, 1.0], dtype=torch.float64)) - torch.log(torch.tensor([0.5, 0.9], dtype=torch.float64))
+    expected = z * delta - z * (z @ delta)  # J^T delta of the softmax at equal logits
+    torch.testing.assert_close(ready(FAMO()).logit_gradient(torch.ones(2, dtype=torch.float64), torch.tensor([0.5, 0.9], dtype=torch.float64)), expected)
+    weights = w.weights(torch.ones(2))
+    assert float(weights[1]) > 1.0 > float(weights[0]) and float(weights.sum()) == pytest.approx(2.0)
+
+
+def test_famo_logit_steps_equal_torch_adam_with_weight_decay() -> None:
+    famo = ready(FAMO(lr=0.05, weight_decay=0.01))
+    logits = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([logits], lr=0.05, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        grad = torch.randn(2, generator=generator, dtype=torch.float64)
+        famo._adam_step(grad.clone())
+        logits.grad = grad.clone()
+        adam.step()
+        torch.testing.assert_close(famo.logits, logits.detach(), rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- training
 
 STRATEGIES = {
@@ -203,6 +241,7 @@ STRATEGIES = {
     "uncertainty": UncertaintyWeighting,
     "dwa": DynamicWeightAverage,
     "rlw": lambda: RandomLossWeighting(seed=1),
+    "famo": FAMO,
 }
 
 
@@ -221,8 +260,10 @@ def test_every_strategy_trains_hard_sharing_and_taskexpert(strategy: str, net: s
     assert bool(torch.isfinite(weights).all())
     if strategy == "fixed":
         assert weights.tolist() == [m.loss_weights[n] for n in TASKS]
-    if strategy in ("dwa", "rlw"):
+    if strategy in ("dwa", "rlw", "famo"):
         assert float(weights.sum()) == pytest.approx(3.0, rel=1e-5)
+    if strategy == "famo":  # its logits moved after the first step
+        assert int(m.weighting.adam_steps) == 4 and float(m.weighting.logits.abs().sum()) > 0
     if strategy == "dwa":
         assert int(m.weighting.finished_epochs) == 2 and not torch.allclose(weights, torch.ones(3))
     if strategy == "uncertainty":  # its log-variances reached the optimizer
@@ -236,7 +277,7 @@ def test_per_task_training_refuses_a_strategy_it_would_ignore(tmp_path: Path) ->
         trainer(tmp_path, max_steps=1).fit(m, datamodule=data)
 
 
-@pytest.mark.parametrize("strategy", ["dwa", "rlw"])
+@pytest.mark.parametrize("strategy", ["dwa", "rlw", "famo"])
 def test_checkpoint_round_trip_restores_the_strategy_state(strategy: str, tmp_path: Path) -> None:
     """Train 4 steps (2 epochs), save a Lightning checkpoint, load it into a fresh module: the
     strategy's state is restored, and the next weights equal those of the uninterrupted module."""
@@ -249,14 +290,17 @@ def test_checkpoint_round_trip_restores_the_strategy_state(strategy: str, tmp_pa
     t.save_checkpoint(path)  # AtomicCheckpointIO checks it holds only tensors and plain values
     saved = torch.load(path, weights_only=True)
     keys = sorted(k for k in saved["state_dict"] if k.startswith("weighting."))
-    assert keys == (
-        ["weighting.epoch", "weighting.finished_epochs", "weighting.history", "weighting.loss_sum", "weighting.steps"]
-        if strategy == "dwa"
-        else ["weighting._extra_state"]
-    )
+    assert keys == {
+        "dwa": ["weighting.epoch", "weighting.finished_epochs", "weighting.history", "weighting.loss_sum", "weighting.steps"],
+        "rlw": ["weighting._extra_state"],
+        "famo": [
+            "weighting.adam_steps", "weighting.exp_avg", "weighting.exp_avg_sq", "weighting.has_previous", "weighting.logits",
+            "weighting.previous",
+        ],
+    }[strategy]  # fmt: skip
 
     pl.seed_everything(123)
-    restored = module(data, STRATEGIES[strategy]() if strategy == "dwa" else RandomLossWeighting(seed=99))
+    restored = module(data, RandomLossWeighting(seed=99) if strategy == "rlw" else STRATEGIES[strategy]())
     restored.load_state_dict(saved["state_dict"])
     for key, value in trained.weighting.state_dict().items():
         assert torch.equal(restored.weighting.state_dict()[key], value), key

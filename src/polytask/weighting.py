@@ -242,7 +242,91 @@ class RandomLossWeighting(Weighting):
         self.generator.set_state(state.detach().to("cpu", torch.uint8))
 
 
+class FAMO(Weighting):
+    """Fast Adaptive Multitask Optimization (Liu, Liu, Jin, Stone & Liu, NeurIPS 2023; arXiv 2306.03792).
+
+    FAMO descends the weighted sum of the log-losses, ``sum_t z_t log L_t``, normalised by
+    ``c = sum_t z_t / L_t``: its gradient is ``sum_t w_t grad L_t`` with ``w_t = z_t / (c L_t)``,
+    ``z = softmax(xi)`` over learned task logits ``xi`` (initially 0: equal ``z``). polytask
+    back-propagates ``sum_t T w_t L_t`` with the weights detached (the same gradient times ``T``,
+    see below; the logged ``train/loss`` stays a weighted sum of losses). After each step the logits
+    move so that tasks whose log-loss fell less get more weight: with ``delta_t = log L_t(before)
+    - log L_t(after)``, the logits' gradient is ``J^T delta`` (``J`` the Jacobian of the softmax),
+    applied by Adam with learning rate ``lr`` and L2 decay ``weight_decay`` (the authors' defaults:
+    0.025 and 0.01).
+
+    Our choices (the paper re-evaluates the step's batch with the updated network, one extra
+    forward pass per step): ``L_t(after)`` is the loss of the next training step, on the next
+    batch, so FAMO costs nothing beyond the step (the logits' update is one step late and sees the
+    batch-to-batch noise); the weights are scaled to sum to ``T`` (equal weighting's scale; the
+    paper's sum to 1); losses are shifted by ``eps`` and clamped at 0 (FAMO needs positive losses,
+    which every polytask task loss is). The fixed loss weights are ignored.
+
+    State (buffers, in the checkpoint): the logits, Adam's moments and step count, and the last
+    step's (process-averaged) losses, so every process of a distributed run holds the same logits
+    and a resumed run continues exactly.
+
+    Args:
+        lr: Adam learning rate of the logits (``beta`` in the paper).
+        weight_decay: L2 decay of the logits (``gamma`` in the paper).
+        eps: added to every loss before its log and inverse.
+    """
+
+    def __init__(self, lr: float = 0.025, weight_decay: float = 0.01, eps: float = 1e-8) -> None:
+        super().__init__()
+        if lr <= 0 or weight_decay < 0 or eps <= 0:
+            raise ValueError(f"FAMO: need lr > 0, weight_decay >= 0, eps > 0; got {lr}, {weight_decay}, {eps}")
+        self.lr, self.weight_decay, self.eps = float(lr), float(weight_decay), float(eps)
+        self.betas = (0.9, 0.999)
+        self._make_state(0)
+
+    def _make_state(self, num_tasks: int) -> None:
+        for name in ("logits", "exp_avg", "exp_avg_sq", "previous"):
+            self.register_buffer(name, torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("adam_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
+
+    def setup(self, names: Sequence[str], loss_weights: Mapping[str, float]) -> None:
+        super().setup(names, loss_weights)
+        self._make_state(self.num_tasks)
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """``T w`` for the losses ``(T,)``: ``T z_t / (c (L_t + eps))``, summing to ``T``; ``(T,)`` float64."""
+        z = torch.softmax(self.logits, dim=0)
+        inverse = z / (losses.detach().to(z).clamp_min(0) + self.eps)
+        return self.num_tasks * inverse / inverse.sum()
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        stacked = self._stack(losses)
+        return self._weighted(losses, self.weights(stacked).to(stacked.dtype))
+
+    def logit_gradient(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """``J^T delta`` with ``delta = log(before + eps) - log(after + eps)``; ``(T,)``."""
+        delta = torch.log(before.clamp_min(0) + self.eps) - torch.log(after.clamp_min(0) + self.eps)
+        z = torch.softmax(self.logits, dim=0)
+        return z * delta - z * (z @ delta)
+
+    def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
+        current = reduce(self._stack(losses).detach().to(self.previous))
+        if bool(self.has_previous):
+            self._adam_step(self.logit_gradient(self.previous, current))
+        self.previous.copy_(current)
+        self.has_previous.fill_(True)
+
+    def _adam_step(self, grad: torch.Tensor) -> None:
+        """One step of Adam with L2 decay (``torch.optim.Adam``'s ``weight_decay``) on :attr:`logits`."""
+        beta1, beta2 = self.betas
+        grad = grad + self.weight_decay * self.logits
+        self.adam_steps += 1
+        step = int(self.adam_steps)
+        self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.exp_avg_sq / (1 - beta2**step)).sqrt().add_(1e-8)
+        self.logits.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1**step))
+
+
 __all__ = [
+    "FAMO",
     "DynamicWeightAverage",
     "EqualWeighting",
     "FixedWeighting",
