@@ -19,8 +19,8 @@ from polytask.training.checkpoint import AtomicCheckpointIO, check_plain
 from polytask.training.module import MultiTaskModule
 from polytask.training.per_task import PerTaskModule
 from polytask.weighting import (
-    DynamicWeightAverage,
     FAMO,
+    DynamicWeightAverage,
     EqualWeighting,
     FixedWeighting,
     RandomLossWeighting,
