@@ -339,14 +339,19 @@ MULTI_TASK_MODULE = "polytask.training.MultiTaskModule"
 PER_TASK_MODULE = "polytask.training.PerTaskModule"
 
 EQUIVALENCE_CASES = {
-    "hard_sharing": (HARD_SHARING, MULTI_TASK_MODULE),
-    "taskexpert": (TASKEXPERT, MULTI_TASK_MODULE),
-    "etr_nlp_batched": (ETR_NLP, MULTI_TASK_MODULE),
-    "etr_nlp_per_task": (ETR_NLP, PER_TASK_MODULE),
+    "hard_sharing": (HARD_SHARING, MULTI_TASK_MODULE, None),
+    "hard_sharing_famo": (HARD_SHARING, MULTI_TASK_MODULE, "polytask.weighting.FAMO"),
+    "taskexpert": (TASKEXPERT, MULTI_TASK_MODULE, None),
+    "etr_nlp_batched": (ETR_NLP, MULTI_TASK_MODULE, None),
+    "etr_nlp_per_task": (ETR_NLP, PER_TASK_MODULE, None),
 }
+"""Network, module and loss weighting (None: the fixed weights) of each 2-process equivalence case;
+``hard_sharing_famo``: a strategy whose weights and state depend on the losses of every process."""
 
 
-def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int, net: dict, module: str) -> None:
+def _write_config(
+    path: Path, out_dir: Path, cache_dir: Path, batch_size: int, net: dict, module: str, weighting: str | None = None
+) -> None:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -373,6 +378,7 @@ def _write_config(path: Path, out_dir: Path, cache_dir: Path, batch_size: int, n
                 "net": net,
                 "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 3e-3}},
                 "lr_schedule": "poly",
+                **({"weighting": {"class_path": weighting}} if weighting else {}),
             },
         },
         "data": {
@@ -434,7 +440,7 @@ def test_gloo_sync_batchnorms_are_plain_outside_distributed_runs() -> None:
     assert [type(m) for m in model] == [nn.BatchNorm2d, TaskBatchNorm]
 
 
-LIGHTNING_LAUNCHED = ("hard_sharing",)
+LIGHTNING_LAUNCHED = ("hard_sharing", "hard_sharing_famo")
 """Cases whose second process Lightning starts (the launcher does not depend on the network)."""
 SLOW_EQUIVALENCE = ("etr_nlp_batched",)
 """Cases kept out of the default run: ETR-NLP's batched DDP path is plain DDP (as hard sharing's), and
@@ -447,10 +453,10 @@ its per-task case trains the same network; ETR-NLP's routed convolutions are slo
 def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_path: Path, cache_dir: Path) -> None:
     from polytask.cli import main
 
-    net, module = EQUIVALENCE_CASES[case]
+    net, module, weighting = EQUIVALENCE_CASES[case]
     single, ddp = tmp_path / "run1", tmp_path / "run2"
-    _write_config(tmp_path / "config1.yaml", single, cache_dir, TOTAL_BATCH, net, module)
-    _write_config(tmp_path / "config2.yaml", ddp, cache_dir, TOTAL_BATCH // 2, net, module)
+    _write_config(tmp_path / "config1.yaml", single, cache_dir, TOTAL_BATCH, net, module, weighting)
+    _write_config(tmp_path / "config2.yaml", ddp, cache_dir, TOTAL_BATCH // 2, net, module, weighting)
     main(["fit", "--config", str(tmp_path / "config1.yaml")])
     launcher = "lightning" if case in LIGHTNING_LAUNCHED else "external"
     run_ddp([["fit", "--config", str(tmp_path / "config2.yaml"), "--config", str(DDP_CPU)]], tmp_path, launcher=launcher)
@@ -470,6 +476,9 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_pa
     assert len(moved) >= 0.9 * len(trainable), f"only {len(moved)} of {len(trainable)} parameters trained"
     for task in TASKS:  # (biases before a BatchNorm have no gradient)
         assert any(name.startswith(f"net.heads.{task}.") for name in moved), f"the head of {task} did not train"
+    if weighting is not None:  # the strategy's state moved, identically in both runs
+        logits = single_state["weighting.logits"]
+        assert float(logits.abs().sum()) > 0 and int(single_state["weighting.adam_steps"]) > 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ learnable parameters reach the optimizer and its state is in the Lightning check
 (buffers, or ``get_extra_state``). The module drives it through three calls per training step:
 
 1. :meth:`Weighting.set_epoch` with the current epoch, before anything else;
-2. ``weighting(losses)`` (:meth:`Weighting.forward`): the total to back-propagate;
+2. ``weighting(losses, reduce)`` (:meth:`Weighting.forward`): the total to back-propagate (a
+   strategy whose weights depend on the losses computes them from the process-averaged losses);
 3. :meth:`Weighting.update` with the detached losses and a ``reduce`` function that averages a
    tensor over the processes of a distributed run (identity in one process).
 
@@ -70,7 +71,7 @@ class Weighting(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called at every training step, before :meth:`forward`, with the current epoch."""
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
@@ -86,7 +87,7 @@ class FixedWeighting(Weighting):
     float weights), so results are bit-identical to polytask before strategies existed. No state.
     """
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         self.last_weights = {n: self.loss_weights[n] for n in losses}
         return sum(self.loss_weights[n] * loss for n, loss in losses.items())
 
@@ -98,7 +99,7 @@ class EqualWeighting(Weighting):
     Learning", JMLR 2023). No state.
     """
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         self.last_weights = {n: 1.0 for n in losses}
         return sum(loss for loss in losses.values())
 
@@ -132,7 +133,7 @@ class UncertaintyWeighting(Weighting):
         super().setup(names, loss_weights)
         self.log_variances = nn.Parameter(torch.full((self.num_tasks,), self.init_log_variance))
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         s = self.log_variances
         stacked = self._stack(losses)
         self.last_weights = {n: w for n, w in zip(self.names, torch.exp(-s).detach().unbind())}
@@ -199,7 +200,7 @@ class DynamicWeightAverage(Weighting):
         ratios = self.history[1] / self.history[0]
         return self.num_tasks * torch.softmax(ratios / self.temperature, dim=0)
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         return self._weighted(losses, self.weights().float())
 
     def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
@@ -232,7 +233,7 @@ class RandomLossWeighting(Weighting):
         z = torch.randn(self.num_tasks, generator=self.generator)
         return self.num_tasks * torch.softmax(z, dim=0)
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         return self._weighted(losses, self.draw())
 
     def get_extra_state(self) -> torch.Tensor:
@@ -262,9 +263,11 @@ class FAMO(Weighting):
     paper's sum to 1); losses are shifted by ``eps`` and clamped at 0 (FAMO needs positive losses,
     which every polytask task loss is). The fixed loss weights are ignored.
 
-    State (buffers, in the checkpoint): the logits, Adam's moments and step count, and the last
-    step's (process-averaged) losses, so every process of a distributed run holds the same logits
-    and a resumed run continues exactly.
+    Under DDP the weights and the logits' update use the losses averaged over the processes (two
+    all-reduces of ``T`` numbers per step), so every process holds the same logits and weights:
+    those of one process training on the whole batch. State (buffers, in the checkpoint): the
+    logits, Adam's moments and step count, and the last step's averaged losses, so a resumed run
+    continues exactly.
 
     Args:
         lr: Adam learning rate of the logits (``beta`` in the paper).
@@ -296,9 +299,9 @@ class FAMO(Weighting):
         inverse = z / (losses.detach().to(z).clamp_min(0) + self.eps)
         return self.num_tasks * inverse / inverse.sum()
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         stacked = self._stack(losses)
-        return self._weighted(losses, self.weights(stacked).to(stacked.dtype))
+        return self._weighted(losses, self.weights(reduce(stacked.detach())).to(stacked.dtype))
 
     def logit_gradient(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """``J^T delta`` with ``delta = log(before + eps) - log(after + eps)``; ``(T,)``."""

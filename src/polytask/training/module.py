@@ -154,7 +154,7 @@ class MultiTaskModule(pl.LightningModule):
         """The total loss of a training step by :attr:`weighting`; updates its state and logs
         ``train/weight/<task>``."""
         self.weighting.set_epoch(self.current_epoch)
-        total = self.weighting(task_losses)
+        total = self.weighting(task_losses, self._reduce_mean)
         self.weighting.update({n: v.detach() for n, v in task_losses.items()}, self._reduce_mean)
         self.log_dict({f"train/weight/{n}": w for n, w in self.weighting.last_weights.items()}, batch_size=batch_size)
         return total
