@@ -345,3 +345,22 @@ def test_versus_comparison_is_versus_over_base_for_common_variants() -> None:
 def test_versus_refuses_several_devices() -> None:
     with pytest.raises(SystemExit, match="one --device"):
         bench_main(["--versus", "x.yaml", "--device", "cpu", "--device", "cpu"])
+
+
+def test_the_timed_training_step_uses_the_configured_weighting_strategy() -> None:
+    from conftest import tiny_hard_sharing
+
+    from polytask.profiling.variants import build_variants
+    from polytask.tasks import build_task
+    from polytask.training import MultiTaskModule
+    from polytask.weighting import FAMO
+
+    tasks = [build_task("semseg", num_classes=3), build_task("depth")]
+    module = MultiTaskModule(net=tiny_hard_sharing(), tasks=tasks, weighting=FAMO())
+    batch = {"image": torch.randn(2, 3, 32, 32), "semseg": torch.randint(0, 3, (2, 32, 32)), "depth": torch.rand(2, 1, 32, 32) + 0.5}
+    (train,) = [v for v in build_variants({"model": module.net}, module, batch, ["fp32"], False, torch.device("cpu")) if v.phase == "train"]
+    for _ in range(3):
+        train.prepare()
+        train.run()
+    assert int(module.weighting.adam_steps) == 2  # FAMO weighted and updated at every timed step
+    assert set(module.weighting.last_weights) == {"semseg", "depth"}

@@ -31,7 +31,8 @@ TIMEOUT_S = 600
 
 
 def fit_args(cache: Path, *extra: str) -> list[str]:
-    """``polytask fit`` of a tiny stochastic model (drop path, flips) checkpointing every step."""
+    """``polytask fit`` of a tiny stochastic model (drop path, flips) checkpointing every step, its
+    losses weighted by FAMO (a strategy whose state changes at every step)."""
     return [
         "fit",
         "--config", HARD_SHARING_CONFIG,
@@ -47,6 +48,7 @@ def fit_args(cache: Path, *extra: str) -> list[str]:
         "--model.net.decoder_channels", "16",
         "--model.net.head_channels", "8",
         "--model.net.backbone_options", "{drop_path_rate: 0.2}",
+        "--model.weighting", "polytask.weighting.FAMO",
         *extra,
     ]  # fmt: skip
 
@@ -116,6 +118,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
     got = read_checkpoint(resumed_dir / "checkpoints" / "last.ckpt")
     assert got["global_step"] == expected["global_step"] == 2 * STEPS_PER_EPOCH
     check_plain(got)
+    assert int(expected["state_dict"]["weighting.adam_steps"]) == 2 * STEPS_PER_EPOCH - 1  # FAMO's state is compared too
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][key], value, rtol=0, atol=1e-6, msg=f"weights differ at {key}")
     assert got["lr_schedulers"][0]["last_epoch"] == expected["lr_schedulers"][0]["last_epoch"]

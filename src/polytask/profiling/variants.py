@@ -11,9 +11,12 @@ from polytask.profiling.timing import Variant, autocast
 from polytask.training.module import MultiTaskModule
 
 
-def _step_module(module: MultiTaskModule, net: nn.Module) -> MultiTaskModule:
-    """A module with ``module``'s tasks and loss weights around ``net``: its ``training_step`` is the real one."""
-    return MultiTaskModule(net=lambda tasks: net, tasks=module.tasks, loss_weights=module.loss_weights)
+def _step_module(module: MultiTaskModule, net: nn.Module, device: torch.device) -> MultiTaskModule:
+    """A module with ``module``'s tasks, loss weights and weighting strategy around ``net``, on
+    ``device``: its ``training_step`` is the real one."""
+    step = MultiTaskModule(net=lambda tasks: net, tasks=module.tasks, loss_weights=module.loss_weights, weighting=module.weighting)
+    step.weighting.to(device)
+    return step
 
 
 def _train_call(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device: torch.device) -> Callable[[], None]:
@@ -88,7 +91,7 @@ def build_variants(
                     variants.append(Variant(name, precision, compiled, "infer", net.eval, infer))
                 continue
             forward = torch.compile(net) if compiled else net
-            step_module = _step_module(module, forward)
+            step_module = _step_module(module, forward, device)
             for precision in precisions:
                 train = _train_call(lambda m=step_module: m.training_step(batch, 0), optimizer, precision, device)
                 infer = _infer_call(lambda f=forward: f(images), precision, device)
