@@ -349,7 +349,6 @@ def test_versus_refuses_several_devices() -> None:
 
 def test_the_timed_training_step_uses_the_configured_weighting_strategy() -> None:
     from conftest import tiny_hard_sharing
-
     from polytask.profiling.variants import build_variants
     from polytask.tasks import build_task
     from polytask.training import MultiTaskModule
