@@ -11,9 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import HARD_SHARING_CONFIG, tiny_hard_sharing, tiny_synthscenes
+from conftest import HARD_SHARING_CONFIG, TINY_SEGNET, tiny_hard_sharing, tiny_synthscenes
 from polytask.config import instantiate
 from polytask.data.datasets.synthscenes import SynthScenesDataModule
+from polytask.models import SingleTask
+from polytask.models.etr_nlp import RoutedSegNet
 from polytask.models.taskexpert import TaskExpert
 from polytask.training.checkpoint import AtomicCheckpointIO, check_plain
 from polytask.training.module import MultiTaskModule
@@ -245,15 +247,33 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("net", ["hard_sharing", "taskexpert"])
+NETS = {
+    "hard_sharing": hard_net,
+    "taskexpert": taskexpert_net,
+    "etr_nlp": lambda: functools.partial(RoutedSegNet, routing="etr_nlp", **TINY_SEGNET),
+    "task_routing": lambda: functools.partial(RoutedSegNet, routing="task_routing", **TINY_SEGNET),
+    "single_task": lambda: functools.partial(SingleTask, backbone="test_resnet", decoder_channels=8, head_channels=4),
+}
+"""Every architecture family: the two papers' models and the baselines (hard sharing, Task Routing, single-task)."""
+
+TRAINING_SETTINGS = {
+    "fp32": {},
+    "bf16_clipped": {"precision": "bf16-mixed", "gradient_clip_val": 0.5},  # bf16 autocast and clipping, hard sharing only
+}
+
+
+@pytest.mark.parametrize(
+    ("net", "setting"), [*((n, "fp32") for n in NETS), ("hard_sharing", "bf16_clipped")]
+)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_every_strategy_trains_hard_sharing_and_taskexpert(strategy: str, net: str, tmp_path: Path) -> None:
+def test_every_strategy_trains_every_architecture(strategy: str, net: str, setting: str, tmp_path: Path) -> None:
     pl.seed_everything(0)
     data = tiny_data(tmp_path / "cache")
-    m = module(data, STRATEGIES[strategy](), hard_net() if net == "hard_sharing" else taskexpert_net())
+    m = module(data, STRATEGIES[strategy](), NETS[net]())
     start = [p.detach().clone() for p in m.weighting.parameters()]
-    t = trainer(tmp_path, max_steps=5)  # 3 epochs: DWA weights its third
+    t = trainer(tmp_path, max_steps=5, **TRAINING_SETTINGS[setting])  # 3 epochs: DWA weights its third
     t.fit(m, datamodule=data)
+    assert t.global_step == 5
     logged = t.logged_metrics
     assert math.isfinite(float(logged["train/loss"]))
     weights = torch.stack([torch.as_tensor(logged[f"train/weight/{n}"]) for n in TASKS]).float()
