@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
 
 from conftest import HARD_SHARING_CONFIG, TINY_SEGNET, tiny_hard_sharing, tiny_synthscenes
 from polytask.config import instantiate
@@ -17,6 +18,7 @@ from polytask.data.datasets.synthscenes import SynthScenesDataModule
 from polytask.models import SingleTask
 from polytask.models.etr_nlp import RoutedSegNet
 from polytask.models.taskexpert import TaskExpert
+from polytask.tasks import build_task
 from polytask.training.checkpoint import AtomicCheckpointIO, check_plain
 from polytask.training.module import MultiTaskModule
 from polytask.training.per_task import PerTaskModule
@@ -25,9 +27,11 @@ from polytask.weighting import (
     DynamicWeightAverage,
     EqualWeighting,
     FixedWeighting,
+    GradNorm,
     RandomLossWeighting,
     UncertaintyWeighting,
     Weighting,
+    last_layer_weight,
 )
 
 TASKS = ("semseg", "depth", "sal")
@@ -235,6 +239,63 @@ def test_famo_logit_steps_equal_torch_adam_with_weight_decay() -> None:
         torch.testing.assert_close(famo.logits, logits.detach(), rtol=1e-12, atol=1e-14)
 
 
+class TwoHeads(nn.Module):
+    """A shared linear layer ``W`` (2 -> 2) and two scalar heads: the smallest network with shared parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(2, 2, bias=False)
+        self.heads = nn.ModuleList([nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.shared.weight]
+
+    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.shared(x)
+        return {n: head(h).pow(2).mean() for n, head in zip(NAMES, self.heads)}
+
+
+def test_gradnorm_total_and_weight_gradient_follow_the_paper_by_hand() -> None:
+    torch.manual_seed(0)
+    net, x = TwoHeads(), torch.randn(4, 2)
+    w = ready(GradNorm(alpha=1.5))
+    w.attach(net)
+    first = net.losses(x)  # the first step records L(0) = these losses: every r_t = 1
+    total = w(first)
+    norms = torch.stack([torch.autograd.grad(first[n], net.shared.weight, retain_graph=True)[0].norm() for n in NAMES])
+    assert float(total) == pytest.approx(float(first["a"] + first["b"]))
+    total.backward()
+    target = norms.mean()  # w = (1, 1), r = (1, 1): target = mean_t G_t
+    torch.testing.assert_close(w.task_weights.grad, torch.sign(norms - target) * norms)
+    # the network's gradient is that of sum_t w_t L_t with the weights held constant
+    expected = torch.autograd.grad(sum(net.losses(x).values()), net.heads[0].weight)[0]
+    torch.testing.assert_close(net.heads[0].weight.grad, expected)
+
+    with torch.no_grad():
+        w.task_weights.copy_(torch.tensor([2.0, 4.0]))
+    w(net.losses(x))  # renormalised to sum to T = 2 before use
+    torch.testing.assert_close(w.task_weights.detach(), torch.tensor([2.0, 4.0]) * 2 / 6)
+    assert [float(v) for v in w.last_weights.values()] == pytest.approx([2 / 3, 4 / 3])
+
+
+def test_gradnorm_normalises_on_the_last_shared_layer_weight() -> None:
+    tasks = [build_task("semseg", num_classes=3), build_task("depth")]
+    hard = tiny_hard_sharing()(tasks)
+    assert last_layer_weight(hard, hard.shared_parameters()) == [hard.decoder.fuse[0].weight]  # not the BN after it
+    expert = taskexpert_net()(tasks)
+    assert last_layer_weight(expert, expert.shared_parameters()) == [expert.mmoe[-1].experts.weight]  # not a norm gain
+    w = ready(GradNorm(parameters="all"), {})
+    w.attach(hard)
+    assert len(w._shared) == len(hard.shared_parameters())
+
+
+def test_gradnorm_without_shared_parameters_says_so() -> None:
+    w = ready(GradNorm())
+    w.attach(SingleTask([build_task("depth")], backbone="test_resnet", decoder_channels=8, head_channels=4))
+    with pytest.raises(ValueError, match="SingleTask has no parameters shared by its tasks"):
+        w(losses(1.0, 2.0))
+
+
 # ---------------------------------------------------------------- training
 
 STRATEGIES = {
@@ -244,6 +305,7 @@ STRATEGIES = {
     "dwa": DynamicWeightAverage,
     "rlw": lambda: RandomLossWeighting(seed=1),
     "famo": FAMO,
+    "gradnorm": GradNorm,
 }
 
 
@@ -272,6 +334,10 @@ def test_every_strategy_trains_every_architecture(strategy: str, net: str, setti
     m = module(data, STRATEGIES[strategy](), NETS[net]())
     start = [p.detach().clone() for p in m.weighting.parameters()]
     t = trainer(tmp_path, max_steps=5, **TRAINING_SETTINGS[setting])  # 3 epochs: DWA weights its third
+    if strategy == "gradnorm" and net == "single_task":
+        with pytest.raises(ValueError, match="no parameters shared by its tasks"):
+            t.fit(m, datamodule=data)
+        return
     t.fit(m, datamodule=data)
     assert t.global_step == 5
     logged = t.logged_metrics
@@ -280,7 +346,7 @@ def test_every_strategy_trains_every_architecture(strategy: str, net: str, setti
     assert bool(torch.isfinite(weights).all())
     if strategy == "fixed":
         assert weights.tolist() == [m.loss_weights[n] for n in TASKS]
-    if strategy in ("dwa", "rlw", "famo"):
+    if strategy in ("dwa", "rlw", "famo", "gradnorm"):
         assert float(weights.sum()) == pytest.approx(3.0, rel=1e-5)
     if strategy == "famo":  # its logits moved after the first step
         assert int(m.weighting.adam_steps) == 4 and float(m.weighting.logits.abs().sum()) > 0
@@ -288,6 +354,8 @@ def test_every_strategy_trains_every_architecture(strategy: str, net: str, setti
         assert int(m.weighting.finished_epochs) == 2 and not torch.allclose(weights, torch.ones(3))
     if strategy == "uncertainty":  # its log-variances reached the optimizer
         assert not torch.equal(start[0], m.weighting.log_variances.detach())
+    if strategy == "gradnorm":  # its weights were trained by L_grad
+        assert not torch.equal(start[0], m.weighting.task_weights.detach()) and bool(m.weighting.has_initial)
 
 
 def test_per_task_training_refuses_a_strategy_it_would_ignore(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ class Weighting(nn.Module):
         self.names = list(names)
         self.loss_weights = {n: float(loss_weights.get(n, 1.0)) for n in self.names}
 
+    def attach(self, net: nn.Module) -> None:
+        """Called once by the module, after :meth:`setup`, with its network; a strategy that reads
+        gradients of the network's parameters picks them here (the default reads none)."""
+
     @property
     def num_tasks(self) -> int:
         return len(self.names)
@@ -328,13 +332,119 @@ class FAMO(Weighting):
         self.logits.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1**step))
 
 
+def last_layer_weight(net: nn.Module, shared: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """The weight of the last module (registration order) of ``net`` that holds a parameter of
+    ``shared`` with two or more dimensions (norm layers and biases alone do not count): its
+    parameter with the most dimensions (the last such); ``[]`` when none."""
+    ids = {id(p) for p in shared}
+    last: list[nn.Parameter] = []
+    for module in net.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in ids]
+        if any(p.dim() >= 2 for p in own):
+            last = own
+    if not last:
+        return []
+    most = max(p.dim() for p in last)
+    return [[p for p in last if p.dim() == most][-1]]
+
+
+class GradNorm(Weighting):
+    """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
+    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018).
+
+    Learnable task weights ``w_t`` (initially 1) scale the losses, ``total = sum_t w_t L_t``, and
+    are trained only by GradNorm's own loss, which pulls each task's gradient norm on the shared
+    weights ``W`` towards a common target that favours the tasks that trained least::
+
+        G_t = w_t |grad_W L_t|,   r_t = (L_t / L_t(0)) / mean_s (L_s / L_s(0)),
+        L_grad = sum_t |G_t - mean_s(G_s) r_t^alpha|    (the target held constant)
+
+    ``L(0)`` are the losses of the first training step. The weights are parameters of the module
+    (the module's optimizer trains them, with the gradient of ``L_grad`` only: the network's
+    gradient is that of ``sum_t w_t L_t`` with the weights held constant) and are renormalised to
+    sum to ``T`` before every step, as in the paper. Cost: ``T`` extra backward passes from the
+    losses to ``W`` per step.
+
+    Our choices: ``W`` is the weight of the last layer holding shared parameters
+    (:func:`last_layer_weight` over :meth:`~polytask.models.base.MultiTaskNet.shared_parameters`, in
+    registration order; the paper takes "the last shared layer", which a generic network does not
+    name), or with
+    ``parameters: all`` every shared parameter (exact, costlier); the weights are floored at
+    ``1e-3`` before renormalising, so none turns negative. The fixed loss weights are ignored.
+    Under DDP the per-task gradients on ``W`` and the losses are averaged over the processes, so
+    every process computes the weights of one process with the whole batch.
+
+    Args:
+        alpha: the asymmetry ``alpha`` (the paper uses 1.5 on NYUv2, 0.12 on its synthetic tasks).
+        parameters: ``last`` (default) or ``all`` shared parameters as ``W``.
+    """
+
+    def __init__(self, alpha: float = 1.5, parameters: str = "last") -> None:
+        super().__init__()
+        if parameters not in ("last", "all"):
+            raise ValueError(f"GradNorm: parameters must be 'last' or 'all', got {parameters!r}")
+        self.alpha = float(alpha)
+        self.parameters_choice = parameters
+        self.task_weights = nn.Parameter(torch.ones(0))
+        self.register_buffer("initial_losses", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+        self._shared: list[nn.Parameter] = []
+        self._net_name = ""
+
+    def setup(self, names: Sequence[str], loss_weights: Mapping[str, float]) -> None:
+        super().setup(names, loss_weights)
+        self.task_weights = nn.Parameter(torch.ones(self.num_tasks))
+        self.initial_losses = torch.zeros(self.num_tasks, dtype=torch.float64)
+
+    def attach(self, net: nn.Module) -> None:
+        shared = list(net.shared_parameters()) if hasattr(net, "shared_parameters") else []
+        if self.parameters_choice == "last":
+            shared = last_layer_weight(net, shared)
+        self._shared = shared
+        self._net_name = type(net).__name__
+
+    def gradient_norms(self, stacked: torch.Tensor, reduce: Reduce = _identity) -> torch.Tensor:
+        """``|grad_W L_t|`` for the losses ``(T,)`` (with their graphs), averaged over processes first; ``(T,)``."""
+        if not self._shared:
+            raise ValueError(
+                f"GradNorm: {self._net_name} has no parameters shared by its tasks to normalise gradients on"
+                if self._net_name else "GradNorm: attach(net) was not called, so it does not know the shared parameters"
+            )
+        norms = []
+        for loss in stacked.unbind():
+            grads = torch.autograd.grad(loss, self._shared, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self._shared)])
+            norms.append(reduce(flat).norm())
+        return torch.stack(norms)
+
+    def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
+        stacked = self._stack(losses)
+        with torch.no_grad():
+            self.task_weights.clamp_(min=1e-3).mul_(self.num_tasks / self.task_weights.sum())
+        mean_losses = reduce(stacked.detach()).double()
+        if not bool(self.has_initial):
+            self.initial_losses.copy_(mean_losses)
+            self.has_initial.fill_(True)
+        norms = self.gradient_norms(stacked, reduce).detach()
+        weights = self.task_weights
+        grad_norms = weights * norms.to(weights)
+        ratios = mean_losses / self.initial_losses.clamp_min(1e-12)
+        relative = (ratios / ratios.mean()).to(weights)
+        target = (grad_norms.mean() * relative**self.alpha).detach()
+        grad_loss = (grad_norms - target).abs().sum()
+        total = self._weighted(losses, weights.detach())
+        return total + grad_loss - grad_loss.detach()  # the value of the weighted sum; gradient of L_grad for w
+
+
 __all__ = [
     "FAMO",
     "DynamicWeightAverage",
     "EqualWeighting",
     "FixedWeighting",
+    "GradNorm",
     "RandomLossWeighting",
     "Reduce",
     "UncertaintyWeighting",
     "Weighting",
+    "last_layer_weight",
 ]

@@ -95,6 +95,7 @@ class MultiTaskModule(pl.LightningModule):
         self.net = net(self.tasks)
         self.weighting = weighting if weighting is not None else FixedWeighting()
         self.weighting.setup(names, self.loss_weights)
+        self.weighting.attach(self.net)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.poly_power = poly_power
