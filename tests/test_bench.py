@@ -363,3 +363,24 @@ def test_the_timed_training_step_uses_the_configured_weighting_strategy() -> Non
         train.run()
     assert int(module.weighting.adam_steps) == 2  # FAMO weighted and updated at every timed step
     assert set(module.weighting.last_weights) == {"semseg", "depth"}
+
+
+def test_the_timed_training_step_lets_a_gradient_aggregator_compute_the_gradients() -> None:
+    from conftest import tiny_hard_sharing
+    from polytask.profiling.bare import make_bare_net
+    from polytask.profiling.variants import build_variants
+    from polytask.tasks import build_task
+    from polytask.training import MultiTaskModule
+    from polytask.weighting import GradientAggregation
+
+    tasks = [build_task("semseg", num_classes=3), build_task("depth")]
+    module = MultiTaskModule(net=tiny_hard_sharing(), tasks=tasks, weighting=GradientAggregation("pcgrad"))
+    batch = {"image": torch.randn(2, 3, 32, 32), "semseg": torch.randint(0, 3, (2, 32, 32)), "depth": torch.rand(2, 1, 32, 32) + 0.5}
+    bare, reason = make_bare_net(module.net, tasks, (32, 32))
+    assert bare is not None, reason
+    nets = {"model": module.net, "bare": bare}
+    variants = {v.net: v for v in build_variants(nets, module, batch, ["fp32"], False, torch.device("cpu")) if v.phase == "train"}
+    variants["model"].prepare()
+    variants["model"].run()
+    assert set(module.weighting.last_weights) == {"semseg", "depth"}  # PCGrad's weights: the aggregator ran
+    assert module.weighting._shared[0] is module.net.shared_parameters()[0]  # the bare net's step has its own copy

@@ -27,10 +27,13 @@ from polytask.weighting import (
     DynamicWeightAverage,
     EqualWeighting,
     FixedWeighting,
+    GradientAggregation,
     GradNorm,
+    LeastSquaresProjector,
     RandomLossWeighting,
     UncertaintyWeighting,
     Weighting,
+    build_aggregator,
     last_layer_weight,
 )
 
@@ -296,6 +299,61 @@ def test_gradnorm_without_shared_parameters_says_so() -> None:
         w(losses(1.0, 2.0))
 
 
+def test_least_squares_projector_solves_torchjds_dual_cone_problem() -> None:
+    from scipy.optimize import minimize
+
+    generator = torch.Generator().manual_seed(0)
+    for m in (2, 3, 5):
+        j = torch.randn(m, 7, generator=generator, dtype=torch.float64)
+        gram = j @ j.T
+        u = torch.rand(m, generator=generator, dtype=torch.float64)
+        got = LeastSquaresProjector(reg_eps=0.0)(u, gram).numpy()
+        g = gram.numpy()
+        generic = minimize(lambda v: v @ g @ v, u.numpy() + 1, jac=lambda v: 2 * g @ v, constraints=[{"type": "ineq", "fun": lambda v: v - u.numpy()}], method="SLSQP", options={"ftol": 1e-14})
+        assert generic.success
+        assert got @ g @ got == pytest.approx(generic.fun, rel=1e-6, abs=1e-10) and (got >= u.numpy() - 1e-9).all()
+
+
+def test_upgrad_with_our_projector_projects_each_row_onto_the_dual_cone_by_hand() -> None:
+    # rows (1, 0) and (-1, 1) conflict: their projections onto {x2 >= x1 >= 0} are (0.5, 0.5) and (0, 1)
+    aggregate = build_aggregator("upgrad", 2)(torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(aggregate, torch.tensor([0.25, 0.75], dtype=torch.float64), rtol=0, atol=1e-3)
+    torch.testing.assert_close(build_aggregator("upgrad", 2)(torch.eye(2, dtype=torch.float64)), torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        build_aggregator("sum_of_squares", 2)
+
+
+class SharedVector(nn.Module):
+    """A shared vector ``s`` (2,) and one scalar head per task: ``L_a = a0 * s.(1, 0)``, ``L_b = b0 * s.(-1, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor([0.3, -0.2]))
+        self.a = nn.Parameter(torch.tensor(2.0))
+        self.b = nn.Parameter(torch.tensor(3.0))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.s]
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        return {"a": self.a * (self.s @ torch.tensor([1.0, 0.0])), "b": self.b * (self.s @ torch.tensor([-1.0, 1.0]))}
+
+
+def test_aggregation_moves_shared_parameters_by_the_aggregate_and_heads_by_their_own_gradient() -> None:
+    net = SharedVector()
+    w = ready(GradientAggregation("pcgrad"))
+    w.attach(net)
+    task_losses = net.losses()
+    total = w(task_losses) + 0.5 * net.s.sum()  # an extra term (like an auxiliary loss) on the shared vector
+    w.backward(total, task_losses)
+    jacobian = torch.tensor([[2.0, 0.0], [-3.0, 3.0]])  # rows: grad_s L_a, grad_s L_b
+    expected = build_aggregator("pcgrad", 2)(jacobian) + 0.5
+    torch.testing.assert_close(net.s.grad, expected)
+    assert not torch.allclose(net.s.grad, jacobian.sum(0) + 0.5)  # not the plain sum: the tasks conflict
+    torch.testing.assert_close(net.a.grad, torch.tensor(0.3))  # dL_a/da = s.(1, 0)
+    torch.testing.assert_close(net.b.grad, torch.tensor(-0.5))  # dL_b/db = s.(-1, 1)
+
+
 # ---------------------------------------------------------------- training
 
 STRATEGIES = {
@@ -306,6 +364,8 @@ STRATEGIES = {
     "rlw": lambda: RandomLossWeighting(seed=1),
     "famo": FAMO,
     "gradnorm": GradNorm,
+    "upgrad": lambda: GradientAggregation("upgrad"),
+    "pcgrad": lambda: GradientAggregation("pcgrad"),
 }
 
 
@@ -334,7 +394,7 @@ def test_every_strategy_trains_every_architecture(strategy: str, net: str, setti
     m = module(data, STRATEGIES[strategy](), NETS[net]())
     start = [p.detach().clone() for p in m.weighting.parameters()]
     t = trainer(tmp_path, max_steps=5, **TRAINING_SETTINGS[setting])  # 3 epochs: DWA weights its third
-    if strategy == "gradnorm" and net == "single_task":
+    if strategy in ("gradnorm", "upgrad", "pcgrad") and net == "single_task":
         with pytest.raises(ValueError, match="no parameters shared by its tasks"):
             t.fit(m, datamodule=data)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -11,20 +12,25 @@ from polytask.profiling.timing import Variant, autocast
 from polytask.training.module import MultiTaskModule
 
 
-def _step_module(module: MultiTaskModule, net: nn.Module, device: torch.device) -> MultiTaskModule:
+def _step_module(module: MultiTaskModule, net: nn.Module, device: torch.device, own_weighting: bool) -> MultiTaskModule:
     """A module with ``module``'s tasks, loss weights and weighting strategy around ``net``, on
-    ``device``: its ``training_step`` is the real one."""
-    step = MultiTaskModule(net=lambda tasks: net, tasks=module.tasks, loss_weights=module.loss_weights, weighting=module.weighting)
+    ``device``: its ``training_step`` and ``backward`` are the real ones. ``own_weighting``: the
+    strategy is ``module``'s own object, else a copy (a strategy attaches to one network)."""
+    weighting = module.weighting if own_weighting else copy.deepcopy(module.weighting)
+    step = MultiTaskModule(net=lambda tasks: net, tasks=module.tasks, loss_weights=module.loss_weights, weighting=weighting)
     step.weighting.to(device)
     return step
 
 
-def _train_call(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device: torch.device) -> Callable[[], None]:
+def _train_call(step_module: MultiTaskModule, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device: torch.device) -> Callable[[], None]:
+    """One training step as Lightning runs it: ``training_step``, the module's ``backward`` (a
+    strategy may compute the gradients itself), the optimizer step."""
+
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
-            loss = step()
-        loss.backward()
+            loss = step_module.training_step(batch, 0)
+        step_module.backward(loss)
         optimizer.step()
 
     return run
@@ -91,9 +97,9 @@ def build_variants(
                     variants.append(Variant(name, precision, compiled, "infer", net.eval, infer))
                 continue
             forward = torch.compile(net) if compiled else net
-            step_module = _step_module(module, forward, device)
+            step_module = _step_module(module, forward, device, own_weighting=name == "model")
             for precision in precisions:
-                train = _train_call(lambda m=step_module: m.training_step(batch, 0), optimizer, precision, device)
+                train = _train_call(step_module, batch, optimizer, precision, device)
                 infer = _infer_call(lambda f=forward: f(images), precision, device)
                 variants.append(Variant(name, precision, compiled, "train", net.train, train))
                 variants.append(Variant(name, precision, compiled, "infer", net.eval, infer))

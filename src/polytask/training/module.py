@@ -160,8 +160,28 @@ class MultiTaskModule(pl.LightningModule):
         self.log_dict({f"train/weight/{n}": w for n, w in self.weighting.last_weights.items()}, batch_size=batch_size)
         return total
 
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Back-propagate the total, or let a strategy that owns the backward pass fill the gradients
+        (gradient aggregation)."""
+        if self.weighting.owns_backward:
+            self.weighting.backward(loss, self.step_task_losses)
+        else:
+            super().backward(loss, *args, **kwargs)
+
     def on_fit_start(self) -> None:
-        """Refuse a weighting strategy that manual per-task optimisation would ignore."""
+        """Refuse a weighting strategy that manual per-task optimisation would ignore, and a
+        gradient-aggregating one under several processes or float16 loss scaling."""
+        if self.weighting.owns_backward and self.automatic_optimization:
+            if self.trainer.world_size > 1:
+                raise ValueError(
+                    f"weighting {type(self.weighting).__name__} computes the gradients itself, which DDP would not "
+                    f"average over the {self.trainer.world_size} processes: train it in one process"
+                )
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                raise ValueError(
+                    f"weighting {type(self.weighting).__name__} does not work with float16 loss scaling "
+                    f"(precision {self.trainer.precision}); use bf16-mixed or 32"
+                )
         if not self.automatic_optimization and not isinstance(self.weighting, FixedWeighting):
             raise ValueError(
                 f"{type(self).__name__} trains one task per optimizer step with the fixed loss weights; "
