@@ -9,6 +9,7 @@ from functools import partialmethod
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -174,8 +175,13 @@ class PolytaskCLI(LightningCLI):
 
 
 def lightning_main(args: Sequence[str]) -> PolytaskCLI:
-    """Run a Lightning subcommand with polytask's defaults (hard sharing on SynthScenes)."""
-    return PolytaskCLI(
+    """Run a Lightning subcommand with polytask's defaults (hard sharing on SynthScenes).
+
+    A distributed run's process group is destroyed when the subcommand has finished: left to the
+    interpreter's exit, its gloo threads were once seen to abort a process ("terminate called
+    without an active exception") after a successful run.
+    """
+    cli = PolytaskCLI(
         MultiTaskModule,
         MultiTaskDataModule,
         subclass_mode_model=True,
@@ -184,6 +190,9 @@ def lightning_main(args: Sequence[str]) -> PolytaskCLI:
         save_config_callback=LoggedConfigCallback,
         save_config_kwargs={"overwrite": True},
     )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return cli
 
 
 def config_cli(
