@@ -346,7 +346,8 @@ EQUIVALENCE_CASES = {
     "etr_nlp_per_task": (ETR_NLP, PER_TASK_MODULE, None),
 }
 """Network, module and loss weighting (None: the fixed weights) of each 2-process equivalence case;
-``hard_sharing_famo``: a strategy whose weights and state depend on the losses of every process."""
+``hard_sharing_famo``: a strategy whose weights and state depend on the losses of every process, and
+the task-interference callback, whose per-task gradients are averaged over the processes."""
 
 
 def _write_config(
@@ -366,6 +367,10 @@ def _write_config(
             "plugins": [{"class_path": "test_ddp.GlooBatchNormSync"}],
             "callbacks": [
                 {"class_path": "polytask.training.MetricReport", "init_args": {"json_dir": str(out_dir)}},
+                *(
+                    [{"class_path": "polytask.diagnostics.TaskInterference", "init_args": {"every_n_steps": 1, "out_dir": str(out_dir / "interference")}}]
+                    if weighting else []
+                ),
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(out_dir), "save_last": True, "save_top_k": 0},
@@ -479,6 +484,11 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_pa
     if weighting is not None:  # the strategy's state moved, identically in both runs
         logits = single_state["weighting.logits"]
         assert float(logits.abs().sum()) > 0 and int(single_state["weighting.adam_steps"]) > 0
+        # the interference callback (on in this case) averages the per-task gradients over the processes first
+        summaries = [json.loads((d / "interference" / "summary.json").read_text()) for d in (single, ddp)]
+        assert summaries[0]["measurements"] == summaries[1]["measurements"] == 2
+        for key in ("cos", "norm_ratio", "norm"):
+            torch.testing.assert_close(torch.tensor(summaries[1][key]), torch.tensor(summaries[0][key]), rtol=1e-5, atol=1e-6, msg=key)
 
 
 if __name__ == "__main__":
