@@ -28,7 +28,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polytask.models.etr_nlp import LOOP_ABOVE_ELEMENTS, RoutedNet, RoutedResNet, RoutedSegNet, choose_task_batching
+from polytask.models.etr_nlp import (
+    LOOP_ABOVE_ELEMENTS,
+    RoutedNet,
+    RoutedResNet,
+    RoutedSegNet,
+    choose_task_batching,
+    stacked_first_layer_elements,
+)
 from polytask.profiling.timing import Variant, time_interleaved
 from polytask.tasks import build_task
 
@@ -93,10 +100,9 @@ def measure(
     if failed:
         raise RuntimeError(f"variants failed: {failed}")
     median = {key: statistics.median(values) for key, values in times.items()}
-    channels, stride = net.first_layer
     row = {
         "tasks": num_tasks, "batch": batch, "height": height, "width": width,
-        "elements": num_tasks * batch * -(-height // stride) * -(-width // stride) * channels,
+        "elements": stacked_first_layer_elements(images.shape, num_tasks, net.first_layer),
         "auto_train": choose_task_batching("auto", images, num_tasks, net.first_layer), "median_s": median,
     }
     for phase in ("train", "infer"):

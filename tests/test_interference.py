@@ -13,12 +13,13 @@ from torch import nn
 
 from conftest import HARD_SHARING_CONFIG, TINY_HARD_SHARING_CLI, TINY_SEGNET, TINY_TASKEXPERT, tiny_hard_sharing, tiny_synthscenes
 from polytask.cli import main
-from polytask.diagnostics import InterferenceStats, TaskInterference, gradient_matrix, pairwise
+from polytask.diagnostics import InterferenceStats, TaskInterference, pairwise
 from polytask.models import HardSharing, SingleTask, TaskExpert
 from polytask.models.etr_nlp import RoutedSegNet
 from polytask.tasks import build_task
 from polytask.training import MultiTaskModule
 from polytask.training.per_task import PerTaskModule
+from polytask.weighting import gradient_matrix
 
 TASKS = ("semseg", "depth", "normals")
 

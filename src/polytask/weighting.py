@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from scipy.optimize import lsq_linear
 from torch import nn
+from torchjd import aggregation
+from torchjd.autojac import backward as jacobian_backward
+from torchjd.autojac import jac_to_grad
 from torchjd.linalg import DualConeProjector
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -35,6 +38,27 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def gradient_matrix(losses: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Per-task gradients on ``params``, flattened: ``(T, P)`` in float32, one row per loss.
+
+    Each loss is back-propagated alone (the graph is kept for the training step's own backward);
+    a parameter a loss does not reach contributes zeros to its row.
+    """
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)
+        ]))
+    return torch.stack(rows)
+
+
+def shared_parameters_of(net: nn.Module) -> list[nn.Parameter]:
+    """``net.shared_parameters()`` (:class:`~polytask.models.base.MultiTaskNet`), or ``[]`` for a
+    network without that method."""
+    return list(net.shared_parameters()) if hasattr(net, "shared_parameters") else []
 
 
 class Weighting(nn.Module):
@@ -381,8 +405,6 @@ AggregatorKind = Literal["upgrad", "dualproj", "mgda", "pcgrad", "cagrad", "imtl
 def build_aggregator(kind: AggregatorKind, num_tasks: int, options: Mapping[str, Any] | None = None) -> Any:
     """The TorchJD aggregator ``kind`` with ``options`` (UPGrad and DualProj get :class:`LeastSquaresProjector`
     unless ``options`` names a ``projector``; CAGrad and Nash-MTL need TorchJD's optional extras)."""
-    from torchjd import aggregation
-
     options = dict(options or {})
     classes = {
         "upgrad": aggregation.UPGrad, "dualproj": aggregation.DualProj, "mgda": aggregation.MGDA,
@@ -450,7 +472,7 @@ class GradientAggregation(Weighting):
         self.aggregator = build_aggregator(self.kind, self.num_tasks, self.options)
 
     def attach(self, net: nn.Module) -> None:
-        self._shared = list(net.shared_parameters()) if hasattr(net, "shared_parameters") else []
+        self._shared = shared_parameters_of(net)
         ids = {id(p) for p in self._shared}
         self._others = [p for p in net.parameters() if p.requires_grad and id(p) not in ids]
         self._net_name = type(net).__name__
@@ -462,9 +484,6 @@ class GradientAggregation(Weighting):
         return stacked.sum()
 
     def backward(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
-        from torchjd.autojac import backward as jacobian_backward
-        from torchjd.autojac import jac_to_grad
-
         if not self._shared:
             raise ValueError(f"GradientAggregation: {self._net_name or 'the network'} has no parameters shared by its tasks to aggregate on")
         task_losses = [losses[n].float() for n in self.names]  # float32 roots: autocast leaves some losses in bf16
@@ -544,7 +563,7 @@ class GradNorm(Weighting):
         self.initial_losses = torch.zeros(self.num_tasks, dtype=torch.float64)
 
     def attach(self, net: nn.Module) -> None:
-        shared = list(net.shared_parameters()) if hasattr(net, "shared_parameters") else []
+        shared = shared_parameters_of(net)
         if self.parameters_choice == "last":
             shared = last_layer_weight(net, shared)
         self._shared = shared
@@ -557,12 +576,7 @@ class GradNorm(Weighting):
                 f"GradNorm: {self._net_name} has no parameters shared by its tasks to normalise gradients on"
                 if self._net_name else "GradNorm: attach(net) was not called, so it does not know the shared parameters"
             )
-        norms = []
-        for loss in stacked.unbind():
-            grads = torch.autograd.grad(loss, self._shared, retain_graph=True, allow_unused=True)
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self._shared)])
-            norms.append(reduce(flat).norm())
-        return torch.stack(norms)
+        return reduce(gradient_matrix(stacked.unbind(), self._shared)).norm(dim=1)
 
     def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         stacked = self._stack(losses)
@@ -597,5 +611,7 @@ __all__ = [
     "UncertaintyWeighting",
     "Weighting",
     "build_aggregator",
+    "gradient_matrix",
     "last_layer_weight",
+    "shared_parameters_of",
 ]

@@ -8,7 +8,7 @@ from polytask.diagnostics.expert_usage import (
     plot_dominant_experts,
     plot_usage_heatmaps,
 )
-from polytask.diagnostics.interference import InterferenceStats, TaskInterference, gradient_matrix, pairwise, plot_interference
+from polytask.diagnostics.interference import InterferenceStats, TaskInterference, pairwise, plot_interference
 
 __all__ = [
     "ExpertUsageMonitor",
@@ -17,7 +17,6 @@ __all__ = [
     "InterferenceStats",
     "TaskInterference",
     "dominant_expert_maps",
-    "gradient_matrix",
     "pairwise",
     "plot_dominant_experts",
     "plot_interference",

@@ -36,21 +36,7 @@ from rich.table import Table
 from torch import nn
 
 from polytask.utils.files import atomic_write, write_json_atomic
-
-
-def gradient_matrix(losses: Sequence[torch.Tensor], params: Sequence[nn.Parameter]) -> torch.Tensor:
-    """Per-task gradients on ``params``, flattened: ``(T, P)`` in float32, one row per loss.
-
-    Each loss is back-propagated alone (the graph is kept for the training step's own backward);
-    a parameter a loss does not reach contributes zeros to its row.
-    """
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([
-            (g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)
-        ]))
-    return torch.stack(rows)
+from polytask.weighting import gradient_matrix, shared_parameters_of
 
 
 def pairwise(gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +162,7 @@ class TaskInterference(pl.Callback):
                 "does not compute them together (per-task optimisation trains one task per step)"
             )
         self.tasks = list(net.task_names)
-        self._params = net.shared_parameters()
+        self._params = shared_parameters_of(net)
         if len(self.tasks) < 2 or not self._params:
             raise ValueError(
                 f"TaskInterference: {type(net).__name__} with tasks {self.tasks} has "

@@ -9,7 +9,14 @@ and ``etr_nlp_timm_resnet``, in :data:`polytask.models.MODEL_REGISTRY`.
 
 from polytask.models.etr_nlp.conversion import Routing, RoutingKind, route_modules
 from polytask.models.etr_nlp.layers import BlockBatchNorm, ETRNLPModule, RoutedConv, TaskBatchNorm, TaskChannelMask
-from polytask.models.etr_nlp.net import LOOP_ABOVE_ELEMENTS, RoutedNet, TaskBatching, choose_task_batching, register_routing_variants
+from polytask.models.etr_nlp.net import (
+    LOOP_ABOVE_ELEMENTS,
+    RoutedNet,
+    TaskBatching,
+    choose_task_batching,
+    register_routing_variants,
+    stacked_first_layer_elements,
+)
 from polytask.models.etr_nlp.nlp import NLPBlock, NLPOptions
 from polytask.models.etr_nlp.primitives import DEFAULT_PRIMITIVES, PRIMITIVES, build_primitive
 from polytask.models.etr_nlp.resnet import ETRNLPTimmResNet, RoutedResNet
@@ -40,4 +47,5 @@ __all__ = [
     "choose_task_batching",
     "register_routing_variants",
     "route_modules",
+    "stacked_first_layer_elements",
 ]

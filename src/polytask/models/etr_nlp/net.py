@@ -44,10 +44,16 @@ def choose_task_batching(
         return mode
     if images.device.type != "cpu" or not torch.is_grad_enabled():
         return "stacked"
-    batch, _, height, width = images.shape
-    channels, stride = first_layer
-    elements = num_tasks * batch * -(-height // stride) * -(-width // stride) * channels
+    elements = stacked_first_layer_elements(images.shape, num_tasks, first_layer)
     return "loop" if elements > LOOP_ABOVE_ELEMENTS else "stacked"
+
+
+def stacked_first_layer_elements(image_shape: Sequence[int], num_tasks: int, first_layer: tuple[int, int]) -> int:
+    """Elements of the first layer's output when ``num_tasks`` paths of images ``(B, 3, H, W)`` are
+    stacked: ``num_tasks * B * ceil(H / s) * ceil(W / s) * C`` for ``first_layer = (C, s)``."""
+    batch, _, height, width = image_shape
+    channels, stride = first_layer
+    return num_tasks * batch * -(-height // stride) * -(-width // stride) * channels
 
 
 def first_convolution(trunk: nn.Module) -> tuple[int, int]:
@@ -56,8 +62,7 @@ def first_convolution(trunk: nn.Module) -> tuple[int, int]:
     conv = next((m for m in trunk.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         return 3, 1
-    stride = conv.stride[0] if isinstance(conv.stride, tuple) else int(conv.stride)
-    return conv.out_channels, stride
+    return conv.out_channels, conv.stride[0]
 
 
 class RoutedNet(MultiTaskNet):
