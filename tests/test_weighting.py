@@ -4,6 +4,7 @@ state round trips, training of hard sharing and TaskExpert, checkpoint resume, C
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from pathlib import Path
 
@@ -36,9 +37,17 @@ from polytask.weighting import (
     build_aggregator,
     last_layer_weight,
 )
+from polytask.weighting.aggregation import gramian_weights
 
 TASKS = ("semseg", "depth", "sal")
 NAMES = ["a", "b"]
+NEEDS = {"cagrad": ("cvxpy",), "nash_mtl": ("cvxpy", "ecos")}
+"""TorchJD's optional dependencies: cvxpy (with Clarabel) is in the test extras; ECOS (GPL-3.0), which
+Nash-MTL needs, is not, so its cases run only where a user installed ``torchjd[nash_mtl]``."""
+
+
+def _available(strategy: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in NEEDS.get(strategy, ()))
 
 
 def losses(*values: float) -> dict[str, torch.Tensor]:
@@ -69,9 +78,7 @@ def tiny_data(cache: Path) -> SynthScenesDataModule:
 def module(
     data: SynthScenesDataModule, weighting: Weighting | None, net: functools.partial | None = None, **options: object
 ) -> MultiTaskModule:
-    return MultiTaskModule(
-        net=net or hard_net(), tasks=data.tasks, default_loss_weights=data.loss_weights, weighting=weighting, **options
-    )
+    return MultiTaskModule(net=net or hard_net(), tasks=data.tasks, default_loss_weights=data.loss_weights, weighting=weighting, **options)
 
 
 def trainer(root: Path, **options: object) -> pl.Trainer:
@@ -224,7 +231,9 @@ def test_famo_moves_weight_to_the_task_whose_loss_fell_less() -> None:
     z = torch.tensor([0.5, 0.5], dtype=torch.float64)
     delta = torch.log(torch.tensor([1.0, 1.0], dtype=torch.float64)) - torch.log(torch.tensor([0.5, 0.9], dtype=torch.float64))
     expected = z * delta - z * (z @ delta)  # J^T delta of the softmax at equal logits
-    torch.testing.assert_close(ready(FAMO()).logit_gradient(torch.ones(2, dtype=torch.float64), torch.tensor([0.5, 0.9], dtype=torch.float64)), expected)
+    torch.testing.assert_close(
+        ready(FAMO()).logit_gradient(torch.ones(2, dtype=torch.float64), torch.tensor([0.5, 0.9], dtype=torch.float64)), expected
+    )
     weights = w.weights(torch.ones(2))
     assert float(weights[1]) > 1.0 > float(weights[0]) and float(weights.sum()) == pytest.approx(2.0)
 
@@ -309,7 +318,14 @@ def test_least_squares_projector_solves_torchjds_dual_cone_problem() -> None:
         u = torch.rand(m, generator=generator, dtype=torch.float64)
         got = LeastSquaresProjector(reg_eps=0.0)(u, gram).numpy()
         g = gram.numpy()
-        generic = minimize(lambda v: v @ g @ v, u.numpy() + 1, jac=lambda v: 2 * g @ v, constraints=[{"type": "ineq", "fun": lambda v: v - u.numpy()}], method="SLSQP", options={"ftol": 1e-14})
+        generic = minimize(
+            lambda v: v @ g @ v,
+            u.numpy() + 1,
+            jac=lambda v: 2 * g @ v,
+            constraints=[{"type": "ineq", "fun": lambda v: v - u.numpy()}],
+            method="SLSQP",
+            options={"ftol": 1e-14},
+        )
         assert generic.success
         assert got @ g @ got == pytest.approx(generic.fun, rel=1e-6, abs=1e-10) and (got >= u.numpy() - 1e-9).all()
 
@@ -318,7 +334,9 @@ def test_upgrad_with_our_projector_projects_each_row_onto_the_dual_cone_by_hand(
     # rows (1, 0) and (-1, 1) conflict: their projections onto {x2 >= x1 >= 0} are (0.5, 0.5) and (0, 1)
     aggregate = build_aggregator("upgrad", 2)(torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64))
     torch.testing.assert_close(aggregate, torch.tensor([0.25, 0.75], dtype=torch.float64), rtol=0, atol=1e-3)
-    torch.testing.assert_close(build_aggregator("upgrad", 2)(torch.eye(2, dtype=torch.float64)), torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-3)
+    torch.testing.assert_close(
+        build_aggregator("upgrad", 2)(torch.eye(2, dtype=torch.float64)), torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-3
+    )
     with pytest.raises(ValueError, match="unknown aggregator"):
         build_aggregator("sum_of_squares", 2)
 
@@ -354,6 +372,107 @@ def test_aggregation_moves_shared_parameters_by_the_aggregate_and_heads_by_their
     torch.testing.assert_close(net.b.grad, torch.tensor(-0.5))  # dL_b/db = s.(-1, 1)
 
 
+class SharedFeatures(nn.Module):
+    """A shared linear encoder (its output ``z`` (5, 4) read by both heads) and one linear head per
+    task; head ``b`` points against head ``a``, so the two task gradients on ``z`` conflict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(5, 3, generator=generator)
+        self.encoder = nn.Linear(3, 4)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator))
+            self.heads["b"].weight.copy_(-self.heads["a"].weight)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def shared_representation_module(self) -> nn.Module:
+        return self.encoder
+
+    def head_losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.heads["a"](z).mean(), "b": self.heads["b"](z).mean() + 0.1 * z.pow(2).mean()}
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        return self.head_losses(self.encoder(self.x))
+
+
+@pytest.mark.parametrize("aggregator", ["upgrad", "mgda", "mean"])
+def test_representation_form_moves_the_encoder_by_the_aggregate_of_the_representations_jacobian(aggregator: str) -> None:
+    """By hand: TorchJD's aggregator applied to the Jacobian ``J`` of the losses on ``z`` gives the
+    direction on ``z``; the encoder's gradient is its vector-Jacobian product; each head gets its own
+    task's gradient."""
+    net = SharedFeatures()
+    w = ready(GradientAggregation(aggregator, form="representation"))
+    w.attach(net)
+    task_losses = net.losses()
+    w.backward(w(task_losses), task_losses)
+    got = [p.grad.clone() for p in net.parameters()]
+
+    net.zero_grad()
+    z = net.encoder(net.x)
+    task_losses = net.head_losses(z)
+    jacobian = torch.stack([torch.autograd.grad(task_losses[n], z, retain_graph=True)[0].reshape(-1) for n in NAMES])
+    assert float(jacobian[0] @ jacobian[1]) < 0  # the tasks conflict on z
+    direction = build_aggregator(aggregator, 2)(jacobian).view_as(z)
+    if aggregator != "mean":
+        assert not torch.allclose(direction, jacobian.mean(0).view_as(z))  # not the plain average
+    expected_encoder = torch.autograd.grad(z, list(net.encoder.parameters()), grad_outputs=direction, retain_graph=True)
+    expected_heads = [torch.autograd.grad(task_losses[n], list(net.heads[n].parameters()), retain_graph=True) for n in NAMES]
+    for value, expected in zip(got, [*expected_encoder, *expected_heads[0], *expected_heads[1]]):
+        torch.testing.assert_close(value, expected)
+
+
+def test_representation_form_weights_from_the_gramian_equal_the_aggregators_own() -> None:
+    """Under DDP the representation form sees only the summed Gramian ``J J^T``: the weights it gets
+    from it equal those the aggregator computes from ``J`` itself (Nash-MTL and the mean get a factor
+    of the Gramian)."""
+    jacobian = torch.tensor([[1.0, 0.5, -2.0, 0.3], [-1.5, 0.2, 1.0, 0.0], [0.4, -0.7, 0.1, 2.0]], dtype=torch.float64)
+    kinds = ["upgrad", "dualproj", "mgda", "pcgrad", "imtl_g", "aligned_mtl", "mean"]
+    kinds += [k for k in ("cagrad", "nash_mtl") if _available(k)]
+    for kind in kinds:
+        torch.manual_seed(0)  # PCGrad projects in a random order
+        expected = build_aggregator(kind, 3).weighting(jacobian)
+        torch.manual_seed(0)
+        got = gramian_weights(build_aggregator(kind, 3), jacobian @ jacobian.T)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=kind)
+
+
+def test_representation_form_trains_a_routed_network_whose_trunk_is_shared(tmp_path: Path) -> None:
+    data = tiny_data(tmp_path / "cache")
+    net = functools.partial(RoutedSegNet, routing="hard_sharing", **TINY_SEGNET)
+    m = module(data, GradientAggregation("upgrad", form="representation"), net)
+    start = [p.detach().clone() for p in m.net.shared_parameters()]
+    trainer(tmp_path, max_steps=2).fit(m, datamodule=data)
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(start, m.net.shared_parameters()) if p.ndim > 1)
+    assert m.weighting._representation is None  # released after every step
+
+
+@pytest.mark.skipif(not _available("nash_mtl"), reason="needs torchjd[nash_mtl] (cvxpy, ecos)")
+def test_nash_mtl_state_survives_a_checkpoint_round_trip() -> None:
+    """Nash-MTL recomputes its weights every second step here, reusing its last ones in between: a
+    restored copy continues the schedule and the weights; a fresh one would not."""
+    jacobians = [torch.randn(3, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def make() -> GradientAggregation:
+        strategy = GradientAggregation("nash_mtl", options={"update_weights_every": 2})
+        strategy.setup(list(TASKS), {})
+        return strategy
+
+    trained = make()
+    for jacobian in jacobians[:3]:
+        trained.aggregator(jacobian)
+    restored = make()
+    restored.load_state_dict(trained.state_dict())
+    assert float(trained.state_dict()["_extra_state"][0]) == 3.0
+    expected = trained.aggregator(jacobians[3])  # step 3: the weights of step 2
+    torch.testing.assert_close(restored.aggregator(jacobians[3]), expected)
+    assert not torch.allclose(make().aggregator(jacobians[3]), expected)
+
+
 # ---------------------------------------------------------------- training
 
 STRATEGIES = {
@@ -366,7 +485,15 @@ STRATEGIES = {
     "gradnorm": GradNorm,
     "upgrad": lambda: GradientAggregation("upgrad"),
     "pcgrad": lambda: GradientAggregation("pcgrad"),
+    "upgrad_representation": lambda: GradientAggregation("upgrad", form="representation"),
+    "cagrad": lambda: GradientAggregation("cagrad"),
+    "nash_mtl": lambda: GradientAggregation("nash_mtl"),
 }
+AGGREGATION = ("upgrad", "pcgrad", "upgrad_representation", "cagrad", "nash_mtl")
+
+
+def strategy_params() -> list:
+    return [pytest.param(s, marks=pytest.mark.skipif(not _available(s), reason=f"needs {NEEDS.get(s)}")) for s in STRATEGIES]
 
 
 NETS = {
@@ -384,17 +511,19 @@ TRAINING_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("net", "setting"), [*((n, "fp32") for n in NETS), ("hard_sharing", "bf16_clipped")]
-)
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize(("net", "setting"), [*((n, "fp32") for n in NETS), ("hard_sharing", "bf16_clipped")])
+@pytest.mark.parametrize("strategy", strategy_params())
 def test_every_strategy_trains_every_architecture(strategy: str, net: str, setting: str, tmp_path: Path) -> None:
     pl.seed_everything(0)
     data = tiny_data(tmp_path / "cache")
+    if strategy == "upgrad_representation" and net != "hard_sharing":  # one representation read by every head
+        with pytest.raises(ValueError, match="has no single representation that every task head reads"):
+            module(data, STRATEGIES[strategy](), NETS[net]())
+        return
     m = module(data, STRATEGIES[strategy](), NETS[net]())
     start = [p.detach().clone() for p in m.weighting.parameters()]
     t = trainer(tmp_path, max_steps=5, **TRAINING_SETTINGS[setting])  # 3 epochs: DWA weights its third
-    if strategy in ("gradnorm", "upgrad", "pcgrad") and net == "single_task":
+    if strategy in ("gradnorm", *AGGREGATION) and net == "single_task":
         with pytest.raises(ValueError, match="no parameters shared by its tasks"):
             t.fit(m, datamodule=data)
         return

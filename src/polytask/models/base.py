@@ -75,6 +75,14 @@ class MultiTaskNet(nn.Module):
         (a scalar tensor), or None (the default: no extra loss)."""
         return None
 
+    def shared_representation_module(self) -> nn.Module | None:
+        """The module whose output (one tensor) is the only input every task head reads from the
+        shared parameters, or None when the network has no such representation (the default).
+
+        Every path from :meth:`shared_parameters` to a task output passes through this output, so the
+        representation form of gradient aggregation can work on its Jacobian."""
+        return None
+
     def shared_backbone(self) -> nn.Module | None:
         """The feature extractor shared by every task (``(B, 3, H, W)`` -> feature maps or tokens),
         or None when the network has none that runs alone."""

@@ -42,9 +42,7 @@ class HardSharing(MultiTaskNet):
         super().__init__(tasks)
         self.backbone = TimmBackbone(backbone, out_indices, pretrained, pretrained_file, **(backbone_options or {}))
         self.decoder = FusionDecoder(self.backbone.out_channels, decoder_channels)
-        self.heads = nn.ModuleDict(
-            {t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in self.tasks}
-        )
+        self.heads = nn.ModuleDict({t.name: make_head(t.dense, decoder_channels, t.out_channels, head_channels) for t in self.tasks})
 
     def shared_backbone(self) -> nn.Module:
         """The timm backbone (``(B, 3, H, W)`` -> its feature maps)."""
@@ -53,6 +51,10 @@ class HardSharing(MultiTaskNet):
     def shared_parameters(self) -> list[nn.Parameter]:
         """The backbone's and the fusion decoder's trainable parameters (everything but the heads)."""
         return [p for p in (*self.backbone.parameters(), *self.decoder.parameters()) if p.requires_grad]
+
+    def shared_representation_module(self) -> nn.Module:
+        """The fusion decoder: its output ``(B, C, h, w)`` is what every head reads."""
+        return self.decoder
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {

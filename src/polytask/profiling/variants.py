@@ -22,7 +22,9 @@ def _step_module(module: MultiTaskModule, net: nn.Module, device: torch.device, 
     return step
 
 
-def _train_call(step_module: MultiTaskModule, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device: torch.device) -> Callable[[], None]:
+def _train_call(
+    step_module: MultiTaskModule, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, precision: str, device: torch.device
+) -> Callable[[], None]:
     """One training step as Lightning runs it: ``training_step``, the module's ``backward`` (a
     strategy may compute the gradients itself), the optimizer step."""
 
@@ -32,6 +34,15 @@ def _train_call(step_module: MultiTaskModule, batch: Mapping[str, torch.Tensor],
             loss = step_module.training_step(batch, 0)
         step_module.backward(loss)
         optimizer.step()
+
+    return run
+
+
+def _refused_call(error: Exception) -> Callable[[], None]:
+    """A training step that cannot run: raises ``error`` when timed, so the report lists the variant as skipped."""
+
+    def run() -> None:
+        raise error
 
     return run
 
@@ -97,9 +108,14 @@ def build_variants(
                     variants.append(Variant(name, precision, compiled, "infer", net.eval, infer))
                 continue
             forward = torch.compile(net) if compiled else net
-            step_module = _step_module(module, forward, device, own_weighting=name == "model")
+            try:
+                step_module: MultiTaskModule | None = _step_module(module, forward, device, own_weighting=name == "model")
+            except ValueError as err:  # the strategy does not fit this variant (e.g. no shared representation)
+                if name == "model":
+                    raise
+                step_module, refusal = None, err
             for precision in precisions:
-                train = _train_call(step_module, batch, optimizer, precision, device)
+                train = _train_call(step_module, batch, optimizer, precision, device) if step_module is not None else _refused_call(refusal)
                 infer = _infer_call(lambda f=forward: f(images), precision, device)
                 variants.append(Variant(name, precision, compiled, "train", net.train, train))
                 variants.append(Variant(name, precision, compiled, "infer", net.eval, infer))

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
@@ -103,10 +104,7 @@ class MultiTaskModule(pl.LightningModule):
         self.reference = load_reference(single_task_reference) if single_task_reference else None
         self.metric_protocol = check_protocol(metric_protocol)
         self.metrics = nn.ModuleDict(
-            {
-                stage: nn.ModuleDict({t.name: t.make_metric(self.metric_protocol) for t in self.tasks})
-                for stage in ("val", "test")
-            }
+            {stage: nn.ModuleDict({t.name: t.make_metric(self.metric_protocol) for t in self.tasks}) for stage in ("val", "test")}
         )
         self.results: dict[str, dict[str, dict[str, float]]] = {}
         self.loaded_position: tuple[int, int] | None = None
@@ -164,19 +162,18 @@ class MultiTaskModule(pl.LightningModule):
         """Back-propagate the total, or let a strategy that owns the backward pass fill the gradients
         (gradient aggregation)."""
         if self.weighting.owns_backward:
-            self.weighting.backward(loss, self.step_task_losses)
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            self.weighting.backward(loss, self.step_task_losses, self._reduce_mean, world_size)
         else:
             super().backward(loss, *args, **kwargs)
 
     def on_fit_start(self) -> None:
         """Refuse a weighting strategy that manual per-task optimisation would ignore, and a
-        gradient-aggregating one under several processes or float16 loss scaling."""
+        gradient-aggregating one under float16 loss scaling; under DDP, hand the averaging of the
+        gradients to a strategy that computes them itself."""
         if self.weighting.owns_backward and self.automatic_optimization:
             if self.trainer.world_size > 1:
-                raise ValueError(
-                    f"weighting {type(self.weighting).__name__} computes the gradients itself, which DDP would not "
-                    f"average over the {self.trainer.world_size} processes: train it in one process"
-                )
+                self._leave_gradient_averaging_to_weighting()
             if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
                 raise ValueError(
                     f"weighting {type(self.weighting).__name__} does not work with float16 loss scaling "
@@ -187,6 +184,17 @@ class MultiTaskModule(pl.LightningModule):
                 f"{type(self).__name__} trains one task per optimizer step with the fixed loss weights; "
                 f"weighting {type(self.weighting).__name__} is not supported there (yet): use FixedWeighting"
             )
+
+    def _leave_gradient_averaging_to_weighting(self) -> None:
+        """Turn DDP's gradient averaging off (its hooks would average partial gradients, or none):
+        the strategy averages what it computes over the processes itself."""
+        wrapper = self.trainer.strategy.model
+        if not isinstance(wrapper, DistributedDataParallel):
+            raise ValueError(
+                f"weighting {type(self.weighting).__name__} computes the gradients itself and averages them over "
+                f"DDP's processes; strategy {type(self.trainer.strategy).__name__} is not DDP"
+            )
+        wrapper.require_backward_grad_sync = False  # DDP then neither prepares nor runs its reduction
 
     def on_train_start(self) -> None:
         """Start the non-finite guard afresh (no buffer copy from an earlier run)."""

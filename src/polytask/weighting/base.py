@@ -30,6 +30,23 @@ def gradient_matrix(losses: Sequence[torch.Tensor], params: Sequence[nn.Paramete
     return torch.stack(rows)
 
 
+def average_gradients(params: Sequence[nn.Parameter], reduce: Reduce) -> None:
+    """Average the ``.grad`` of ``params`` over the processes of a distributed run, in one ``reduce``.
+
+    A parameter without a gradient in some process counts as a zero gradient there; one without a
+    gradient in every process keeps none."""
+    if not params:
+        return
+    device = params[0].device
+    present = reduce(torch.tensor([float(p.grad is not None) for p in params], device=device)) > 0
+    kept = [p for p, keep in zip(params, present.tolist()) if keep]
+    if not kept:
+        return
+    flat = reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in kept]))
+    for p, grad in zip(kept, flat.split([p.numel() for p in kept])):
+        p.grad = grad.view_as(p).to(p.dtype).clone()
+
+
 def shared_parameters_of(net: nn.Module) -> list[nn.Parameter]:
     """``net.shared_parameters()`` (:class:`~polytask.models.base.MultiTaskNet`), or ``[]`` for a
     network without that method."""
@@ -63,9 +80,13 @@ class Weighting(nn.Module):
         """Called once by the module, after :meth:`setup`, with its network; a strategy that reads
         gradients of the network's parameters picks them here (the default reads none)."""
 
-    def backward(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
+    def backward(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity, world_size: int = 1) -> None:
         """Fill the parameters' ``.grad`` for the step whose total is ``total`` and task losses
-        ``losses`` (with their graphs); only strategies with :attr:`owns_backward` implement it."""
+        ``losses`` (with their graphs); only strategies with :attr:`owns_backward` implement it.
+
+        In a distributed run (``world_size`` processes, ``reduce`` averaging over them) the module
+        has turned DDP's own gradient averaging off: the strategy leaves every process with the
+        gradients of one process holding the whole batch."""
         raise NotImplementedError(f"{type(self).__name__} leaves the backward pass to the module")
 
     @property

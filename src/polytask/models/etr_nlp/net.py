@@ -166,6 +166,11 @@ class RoutedNet(MultiTaskNet):
         """The routed trunk (``(B, 3, H, W)`` -> ``(B, C, h, w)``); alone, it runs its first task's path."""
         return self.trunk
 
+    def shared_representation_module(self) -> nn.Module | None:
+        """The trunk when every task reads its one output (hard-sharing routing); None when the
+        trunk has task-specific channels."""
+        return None if self.routing.task_conditioned else self.trunk
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk's shared trainable parameters (``param_groups()["shared"]``: not the task
         convolutions, task batch norms or heads)."""
