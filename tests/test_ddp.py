@@ -341,6 +341,7 @@ PER_TASK_MODULE = "polytask.training.PerTaskModule"
 EQUIVALENCE_CASES = {
     "hard_sharing": (HARD_SHARING, MULTI_TASK_MODULE, None),
     "hard_sharing_famo": (HARD_SHARING, MULTI_TASK_MODULE, {"class_path": "polytask.weighting.FAMO"}),
+    "hard_sharing_gradnorm": (HARD_SHARING, MULTI_TASK_MODULE, {"class_path": "polytask.weighting.GradNorm"}),
     "hard_sharing_upgrad": (HARD_SHARING, MULTI_TASK_MODULE, UPGRAD),
     "hard_sharing_upgrad_representation": (
         HARD_SHARING,
@@ -354,6 +355,7 @@ EQUIVALENCE_CASES = {
 """Network, module and loss weighting (None: the fixed weights) of each 2-process equivalence case;
 ``hard_sharing_famo``: a strategy whose weights and state depend on the losses of every process, and
 the task-interference callback, whose per-task gradients are averaged over the processes;
+``hard_sharing_gradnorm``: learnt weights trained on per-task gradient norms averaged over the processes;
 ``hard_sharing_upgrad``: gradient aggregation on the Jacobian of the shared parameters, averaged
 over the processes before aggregating (DDP's own averaging is off); ``..._representation``: on the
 Jacobian of the shared representation, through its Gramian summed over the processes."""
@@ -460,7 +462,13 @@ def test_gloo_sync_batchnorms_are_plain_outside_distributed_runs() -> None:
     assert [type(m) for m in model] == [nn.BatchNorm2d, TaskBatchNorm]
 
 
-LIGHTNING_LAUNCHED = ("hard_sharing", "hard_sharing_famo", "hard_sharing_upgrad", "hard_sharing_upgrad_representation")
+LIGHTNING_LAUNCHED = (
+    "hard_sharing",
+    "hard_sharing_famo",
+    "hard_sharing_gradnorm",
+    "hard_sharing_upgrad",
+    "hard_sharing_upgrad_representation",
+)
 """Cases whose second process Lightning starts (the launcher does not depend on the network)."""
 SLOW_EQUIVALENCE = ("etr_nlp_batched",)
 """Cases kept out of the default run: ETR-NLP's batched DDP path is plain DDP (as hard sharing's), and
@@ -498,6 +506,8 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_pa
         if weighting["class_path"].endswith("FAMO"):  # the strategy's state moved, identically in both runs
             logits = single_state["weighting.logits"]
             assert float(logits.abs().sum()) > 0 and int(single_state["weighting.adam_steps"]) > 0
+        if weighting["class_path"].endswith("GradNorm"):  # its weights were trained, identically in both runs
+            assert not torch.equal(single_state["weighting.task_weights"], initial["weighting.task_weights"])
         # the interference callback (on in this case) averages the per-task gradients over the processes first
         summaries = [json.loads((d / "interference" / "summary.json").read_text()) for d in (single, ddp)]
         assert summaries[0]["measurements"] == summaries[1]["measurements"] == 2

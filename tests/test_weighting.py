@@ -547,11 +547,40 @@ def test_every_strategy_trains_every_architecture(strategy: str, net: str, setti
         assert not torch.equal(start[0], m.weighting.task_weights.detach()) and bool(m.weighting.has_initial)
 
 
-def test_per_task_training_refuses_a_strategy_it_would_ignore(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["famo", "gradnorm", "upgrad"])
+def test_per_task_training_refuses_a_strategy_that_needs_every_loss_of_a_step(strategy: str, tmp_path: Path) -> None:
     data = tiny_data(tmp_path / "cache")
-    m = PerTaskModule(net=hard_net(), tasks=data.tasks, weighting=DynamicWeightAverage())
-    with pytest.raises(ValueError, match="weighting DynamicWeightAverage is not supported"):
+    m = PerTaskModule(net=hard_net(), tasks=data.tasks, weighting=STRATEGIES[strategy]())
+    with pytest.raises(ValueError, match="trains one task per optimizer step, and weighting .* needs every task's loss"):
         trainer(tmp_path, max_steps=1).fit(m, datamodule=data)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "equal", "uncertainty", "dwa", "rlw"])
+def test_per_task_training_weights_each_task_step(strategy: str, tmp_path: Path) -> None:
+    """ETR-NLP trained one task per optimizer step: each task's step back-propagates its own term
+    with the weights the strategy gave the batch before its losses (DWA's from the epochs before,
+    RLW's draw, uncertainty's ``exp(-s_t) L_t + s_t``), and the strategy sees the batch's losses."""
+    pl.seed_everything(0)
+    data = tiny_data(tmp_path / "cache")
+    net = functools.partial(RoutedSegNet, routing="etr_nlp", **TINY_SEGNET)
+    m = PerTaskModule(net=net, tasks=data.tasks, default_loss_weights=data.loss_weights, weighting=STRATEGIES[strategy]())
+    start = [p.detach().clone() for p in m.weighting.parameters()]
+    t = trainer(tmp_path, max_epochs=3)  # 2 batches per epoch: DWA weights its third
+    t.fit(m, datamodule=data)
+    assert t.global_step == 3 * 2 * len(TASKS)  # one optimizer step per task and batch
+    weights = torch.stack([torch.as_tensor(t.logged_metrics[f"train/weight/{n}"]) for n in TASKS]).float()
+    if strategy == "fixed":
+        assert weights.tolist() == [m.loss_weights[n] for n in TASKS]
+    if strategy == "equal":
+        assert weights.tolist() == [1.0, 1.0, 1.0]
+    if strategy in ("dwa", "rlw"):
+        assert float(weights.sum()) == pytest.approx(3.0, rel=1e-5) and not torch.allclose(weights, torch.ones(3))
+    if strategy == "dwa":  # it saw the losses of two finished epochs
+        assert int(m.weighting.finished_epochs) == 2
+    if strategy == "uncertainty":  # every task's step trained its own log-variance
+        moved = (m.weighting.log_variances.detach() - start[0]).abs()
+        assert bool((moved > 0).all())
+        torch.testing.assert_close(weights, torch.exp(-m.weighting.log_variances.detach()), rtol=0.05, atol=0.0)
 
 
 @pytest.mark.parametrize("strategy", ["dwa", "rlw", "famo"])

@@ -168,7 +168,7 @@ class MultiTaskModule(pl.LightningModule):
             super().backward(loss, *args, **kwargs)
 
     def on_fit_start(self) -> None:
-        """Refuse a weighting strategy that manual per-task optimisation would ignore, and a
+        """Refuse a weighting strategy that per-task optimisation cannot serve, and a
         gradient-aggregating one under float16 loss scaling; under DDP, hand the averaging of the
         gradients to a strategy that computes them itself."""
         if self.weighting.owns_backward and self.automatic_optimization:
@@ -179,10 +179,11 @@ class MultiTaskModule(pl.LightningModule):
                     f"weighting {type(self.weighting).__name__} does not work with float16 loss scaling "
                     f"(precision {self.trainer.precision}); use bf16-mixed or 32"
                 )
-        if not self.automatic_optimization and not isinstance(self.weighting, FixedWeighting):
+        if not self.automatic_optimization and not self.weighting.per_task_steps:
             raise ValueError(
-                f"{type(self).__name__} trains one task per optimizer step with the fixed loss weights; "
-                f"weighting {type(self.weighting).__name__} is not supported there (yet): use FixedWeighting"
+                f"{type(self).__name__} trains one task per optimizer step, and weighting {type(self.weighting).__name__} "
+                "needs every task's loss (or gradient) of the same step at once; use FixedWeighting, EqualWeighting, "
+                "UncertaintyWeighting, DynamicWeightAverage or RandomLossWeighting"
             )
 
     def _leave_gradient_averaging_to_weighting(self) -> None:

@@ -139,10 +139,12 @@ class PerTaskModule(MultiTaskModule):
             broadcast_buffers(self)
         parameters = [p for p in self.parameters() if p.requires_grad]
         task_losses: dict[str, torch.Tensor] = {}
+        self.weighting.set_epoch(self.current_epoch)
+        weights = self.weighting.per_task_weights()
         for task in self.tasks:
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(self.task_output(images, task.name), batch[task.name])
-            weighted = self.loss_weights[task.name] * loss
+            weighted = self.weighting.task_term(task.name, loss, weights)
             self.guard.observe_losses({task.name: loss}, weighted)
             with ddp.no_sync() if ddp is not None else nullcontext():  # gradients averaged below, not by DDP
                 self.manual_backward(weighted)
@@ -153,6 +155,8 @@ class PerTaskModule(MultiTaskModule):
             optimizer.step()
             task_losses[task.name] = loss.detach()
         self.lr_schedulers().step()
+        self.weighting.update(task_losses, self._reduce_mean)
         batch_size = images.shape[0]
+        self.log_dict({f"train/weight/{n}": w for n, w in weights.items()}, batch_size=batch_size)
         self.log_dict({f"train/loss/{n}": v for n, v in task_losses.items()}, batch_size=batch_size)
         self.log("train/loss", self.weighted_total(task_losses), prog_bar=True, batch_size=batch_size)

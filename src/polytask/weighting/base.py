@@ -72,6 +72,10 @@ class Weighting(nn.Module):
         self.names = list(names)
         self.loss_weights = {n: float(loss_weights.get(n, 1.0)) for n in self.names}
 
+    per_task_steps: bool = False
+    """True when the strategy also weights training with one optimizer step per task
+    (:meth:`per_task_weights`: weights known before the step's losses)."""
+
     owns_backward: bool = False
     """Whether the strategy computes the parameters' gradients itself (:meth:`backward`) instead
     of the module back-propagating the total (gradient aggregation)."""
@@ -113,3 +117,14 @@ class Weighting(nn.Module):
 
     def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
         """Called after every training step with the detached task losses."""
+
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        """The weights of a training step whose task losses come one at a time (one optimizer step
+        per task, :class:`~polytask.training.PerTaskModule`), known before any of them; records them
+        in :attr:`last_weights`. Only strategies with :attr:`per_task_steps` implement it."""
+        raise ValueError(f"weighting {type(self).__name__} needs every task's loss (or gradient) of the same step at once")
+
+    def task_term(self, name: str, loss: torch.Tensor, weights: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
+        """Task ``name``'s part of the total, for its own optimizer step: ``weights[name] * loss`` by
+        default (``weights`` from :meth:`per_task_weights`)."""
+        return weights[name] * loss

@@ -20,9 +20,15 @@ class FixedWeighting(Weighting):
     float weights), so results are bit-identical to polytask before strategies existed. No state.
     """
 
+    per_task_steps = True
+
     def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         self.last_weights = {n: self.loss_weights[n] for n in losses}
         return sum(self.loss_weights[n] * loss for n, loss in losses.items())
+
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        self.last_weights = dict(self.loss_weights)
+        return self.last_weights
 
 
 class EqualWeighting(Weighting):
@@ -32,9 +38,15 @@ class EqualWeighting(Weighting):
     Learning", JMLR 2023). No state.
     """
 
+    per_task_steps = True
+
     def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         self.last_weights = {n: 1.0 for n in losses}
         return sum(loss for loss in losses.values())
+
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        self.last_weights = {n: 1.0 for n in self.names}
+        return self.last_weights
 
 
 class UncertaintyWeighting(Weighting):
@@ -57,6 +69,8 @@ class UncertaintyWeighting(Weighting):
         init_log_variance: initial ``s_t`` of every task (0: every weight starts at 1).
     """
 
+    per_task_steps = True
+
     def __init__(self, init_log_variance: float = 0.0) -> None:
         super().__init__()
         self.init_log_variance = float(init_log_variance)
@@ -71,6 +85,15 @@ class UncertaintyWeighting(Weighting):
         stacked = self._stack(losses)
         self.last_weights = {n: w for n, w in zip(self.names, torch.exp(-s).detach().unbind())}
         return (torch.exp(-s) * stacked + s).sum()
+
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        self.last_weights = {n: w for n, w in zip(self.names, torch.exp(-self.log_variances).detach().unbind())}
+        return self.last_weights
+
+    def task_term(self, name: str, loss: torch.Tensor, weights: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
+        """``exp(-s_t) L_t + s_t`` of task ``name`` (with ``s_t`` live, so its own step trains it)."""
+        s = self.log_variances[self.names.index(name)]
+        return torch.exp(-s) * loss.float() + s
 
 
 class DynamicWeightAverage(Weighting):
@@ -95,6 +118,8 @@ class DynamicWeightAverage(Weighting):
     Args:
         temperature: softmax temperature (MTAN uses 2).
     """
+
+    per_task_steps = True
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
@@ -136,6 +161,10 @@ class DynamicWeightAverage(Weighting):
     def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         return self._weighted(losses, self.weights().float())
 
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        self.last_weights = {n: w for n, w in zip(self.names, self.weights().float().unbind())}
+        return self.last_weights
+
     def update(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> None:
         stacked = reduce(self._stack(losses).detach().to(self.loss_sum))
         self.loss_sum += stacked
@@ -156,6 +185,8 @@ class RandomLossWeighting(Weighting):
         seed: seed of the weight generator.
     """
 
+    per_task_steps = True
+
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
@@ -168,6 +199,10 @@ class RandomLossWeighting(Weighting):
 
     def forward(self, losses: Mapping[str, torch.Tensor], reduce: Reduce = _identity) -> torch.Tensor:
         return self._weighted(losses, self.draw())
+
+    def per_task_weights(self) -> dict[str, torch.Tensor | float]:
+        self.last_weights = {n: w for n, w in zip(self.names, self.draw().unbind())}
+        return self.last_weights
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
