@@ -49,6 +49,37 @@ def test_hard_sharing_shares_backbone_gradients_from_every_task() -> None:
     assert net.backbone.body.conv1.weight.grad.abs().sum() > 0
 
 
+def _vit_hard_sharing(dynamic: bool) -> HardSharing:
+    torch.manual_seed(0)
+    options = {"img_size": [32, 32], "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    if dynamic:
+        options["dynamic_img_size"] = True
+    tasks = [build_task("semseg", num_classes=5), build_task("depth"), build_task("attributes", name="mouth", attribute_names=["a", "b"])]
+    return HardSharing(
+        tasks, backbone="vit_tiny_patch16_224", out_indices=[0, 1], decoder_channels=8, head_channels=4, backbone_options=options
+    ).eval()
+
+
+def test_vit_hard_sharing_takes_any_size_when_dynamic_padding_off_grid_sizes() -> None:
+    fixed, dynamic = _vit_hard_sharing(False), _vit_hard_sharing(True)
+    dynamic.load_state_dict(fixed.state_dict())  # dynamic_img_size adds no parameters
+    images = torch.randn(2, 3, 32, 32)
+    for name, out in fixed(images).items():  # at the built size both give the same outputs
+        assert torch.equal(dynamic(images)[name], out), name
+    odd = torch.randn(2, 3, 35, 50)  # off the 8-pixel grid: padded to 40x56, cropped back
+    out = dynamic(odd)
+    assert out["semseg"].shape == (2, 5, 35, 50) and out["depth"].shape == (2, 1, 35, 50) and out["mouth"].shape == (2, 2)
+    padded = dynamic(torch.nn.functional.pad(odd, (0, 6, 0, 5)))
+    torch.testing.assert_close(out["depth"], padded["depth"][..., :35, :50])
+    torch.testing.assert_close(out["mouth"], padded["mouth"])
+    assert dynamic.backbone.patch_grid == (8, 8) and fixed.backbone.patch_grid is None
+
+
+def test_vit_hard_sharing_built_for_one_size_names_the_option_for_others() -> None:
+    with pytest.raises(ValueError, match=r"built for 32x32 inputs and got 48x64; set backbone_options.dynamic_img_size: true"):
+        _vit_hard_sharing(False)(torch.randn(1, 3, 48, 64))
+
+
 def test_single_task_builds_one_network_per_task() -> None:
     tasks = small_tasks()[:3]
     single = SingleTask(tasks, backbone="resnet18", decoder_channels=16, head_channels=8)

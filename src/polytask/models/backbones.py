@@ -40,10 +40,7 @@ def create_timm_model(
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
-        raise PretrainedWeightsError(
-            f"could not load pretrained weights for timm model {name!r}: {err}\n"
-            f"{OFFLINE_HINT}"
-        ) from err
+        raise PretrainedWeightsError(f"could not load pretrained weights for timm model {name!r}: {err}\n{OFFLINE_HINT}") from err
 
 
 OFFLINE_HINT = (
@@ -122,12 +119,42 @@ class TimmBackbone(nn.Module):
             kwargs["img_size"] = tuple(img_size)
         self.name = name
         self.body = create_timm_model(
-            name, pretrained=pretrained, pretrained_file=pretrained_file,
-            features_only=True, out_indices=tuple(out_indices), **kwargs,
+            name,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            **kwargs,
         )
         self.out_channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
 
+    def _patch_embed(self) -> nn.Module | None:
+        return getattr(getattr(self.body, "model", self.body), "patch_embed", None)
+
+    @property
+    def patch_grid(self) -> tuple[int, int] | None:
+        """The patch size ``(h, w)`` of a ViT built to take any input size (``dynamic_img_size``):
+        inputs must be multiples of it. None for backbones that take any size (CNNs) or one fixed
+        size (a ViT without ``dynamic_img_size``)."""
+        embed = self._patch_embed()
+        if embed is None or getattr(embed, "strict_img_size", True):
+            return None
+        return tuple(embed.patch_size)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, 3, H, W)`` -> list of ``(B, C_i, H / r_i, W / r_i)``."""
+        """``(B, 3, H, W)`` -> list of ``(B, C_i, H / r_i, W / r_i)``.
+
+        Raises:
+            ValueError: a ViT built for one input size (no ``dynamic_img_size``) got another.
+        """
+        embed = self._patch_embed()
+        if embed is not None and getattr(embed, "strict_img_size", False):
+            expected = tuple(embed.img_size)
+            if tuple(images.shape[-2:]) != expected:
+                raise ValueError(
+                    f"backbone {self.name} was built for {expected[0]}x{expected[1]} inputs and got "
+                    f"{images.shape[-2]}x{images.shape[-1]}; set backbone_options.dynamic_img_size: true "
+                    "to take other sizes (position embeddings are resampled)"
+                )
         return list(self.body(images))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polytask.models.backbones import TimmBackbone
@@ -64,10 +65,24 @@ class HardSharing(MultiTaskNet):
         }
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W) or (B, C_t)}``."""
+        """``(B, 3, H, W)`` -> ``{task: (B, C_t, H, W) or (B, C_t)}``.
+
+        With a ViT built to take any size (``backbone_options.dynamic_img_size: true``), a size that
+        is not a multiple of the patch size is padded with zeros at the bottom and right (the mean
+        colour of normalised images) and the dense outputs are cropped back to ``(H, W)``, as
+        TaskExpert does.
+        """
+        height, width = images.shape[-2:]
+        grid = self.backbone.patch_grid
+        pad_h, pad_w = (-height % grid[0], -width % grid[1]) if grid is not None else (0, 0)
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
         shared = self.decoder(self.backbone(images))
         size = images.shape[-2:]
-        return {name: head(shared, size) for name, head in self.heads.items()}
+        outputs = {name: head(shared, size) for name, head in self.heads.items()}
+        if pad_h or pad_w:
+            outputs = {name: out[..., :height, :width] if out.dim() == 4 else out for name, out in outputs.items()}
+        return outputs
 
 
 @register_model("single_task")
