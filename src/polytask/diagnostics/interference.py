@@ -44,7 +44,7 @@ def pairwise(gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     A zero row has cosine 0 with every row (and 1 with itself).
     """
-    gram = (gradients.double() @ gradients.double().T)
+    gram = gradients.double() @ gradients.double().T
     norms = gram.diagonal().clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
     cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
@@ -80,10 +80,22 @@ class InterferenceStats:
     def means(self) -> dict[str, torch.Tensor]:
         """``cos`` and ``conflict_fraction`` ``(T, T)``, ``norm_ratio`` ``(T, T)`` (row over column), ``norm`` ``(T,)``."""
         n = max(self.count, 1)
-        return {"cos": self.cos_sum / n, "conflict_fraction": self.conflicts / n, "norm_ratio": self.ratio_sum / n, "norm": self.norm_sum / n}
+        return {
+            "cos": self.cos_sum / n,
+            "conflict_fraction": self.conflicts / n,
+            "norm_ratio": self.ratio_sum / n,
+            "norm": self.norm_sum / n,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "seconds": self.seconds, "cos_sum": self.cos_sum, "conflicts": self.conflicts, "ratio_sum": self.ratio_sum, "norm_sum": self.norm_sum}
+        return {
+            "count": self.count,
+            "seconds": self.seconds,
+            "cos_sum": self.cos_sum,
+            "conflicts": self.conflicts,
+            "ratio_sum": self.ratio_sum,
+            "norm_sum": self.norm_sum,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.count = int(state["count"])
@@ -96,7 +108,10 @@ def plot_interference(means: Mapping[str, torch.Tensor], tasks: Sequence[str], p
     """Two task x task heatmaps (mean cosine on [-1, 1]; fraction of conflicting measurements on [0, 1]) into ``path`` (PNG)."""
     size = 1.0 + 0.55 * len(tasks)
     fig = Figure(figsize=(2 * size + 1.5, size + 0.8), layout="constrained")
-    panels = (("cos", "mean cosine of task gradients", "RdBu", -1.0, 1.0), ("conflict_fraction", "fraction of steps with cosine < 0", "Reds", 0.0, 1.0))
+    panels = (
+        ("cos", "mean cosine of task gradients", "RdBu", -1.0, 1.0),
+        ("conflict_fraction", "fraction of steps with cosine < 0", "Reds", 0.0, 1.0),
+    )
     for ax, (key, label, cmap, vmin, vmax) in zip(fig.subplots(1, 2), panels):
         values = means[key].numpy()
         image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
@@ -161,6 +176,7 @@ class TaskInterference(pl.Callback):
                 f"TaskInterference needs all task losses of a training step at once; {type(pl_module).__name__} "
                 "does not compute them together (per-task optimisation trains one task per step)"
             )
+        pl_module.keep_task_graphs = True  # the step must not back-propagate task by task before this callback reads the losses
         self.tasks = list(net.task_names)
         self._params = shared_parameters_of(net)
         if len(self.tasks) < 2 or not self._params:
@@ -215,7 +231,9 @@ class TaskInterference(pl.Callback):
         means = self.stats.means()
         count = self.stats.count
         payload = {
-            "tasks": self.tasks, "measurements": count, "every_n_steps": self.every_n_steps,
+            "tasks": self.tasks,
+            "measurements": count,
+            "every_n_steps": self.every_n_steps,
             "measure_seconds": self.stats.seconds,
             **{key: value.tolist() for key, value in means.items()},
         }
@@ -229,14 +247,14 @@ class TaskInterference(pl.Callback):
         for i, a in enumerate(self.tasks):
             for j in range(i + 1, len(self.tasks)):
                 table.add_row(
-                    f"{a} / {self.tasks[j]}", f"{means['cos'][i, j]:.3f}", f"{100 * means['conflict_fraction'][i, j]:.0f} %",
+                    f"{a} / {self.tasks[j]}",
+                    f"{means['cos'][i, j]:.3f}",
+                    f"{100 * means['conflict_fraction'][i, j]:.0f} %",
                     f"{means['norm_ratio'][i, j]:.3g}",
                 )
         console = Console()
         console.print(table)
-        console.print(
-            f"task-interference heatmap: {out_dir / 'heatmap.png'} (measuring took {self.stats.seconds:.1f} s)", soft_wrap=True
-        )
+        console.print(f"task-interference heatmap: {out_dir / 'heatmap.png'} (measuring took {self.stats.seconds:.1f} s)", soft_wrap=True)
 
     def state_dict(self) -> dict[str, Any]:
         if self.stats is None:

@@ -75,6 +75,13 @@ class MultiTaskNet(nn.Module):
         (a scalar tensor), or None (the default: no extra loss)."""
         return None
 
+    def runs_tasks_apart(self, images: torch.Tensor) -> bool:
+        """True when :meth:`forward` would run the task paths one after another for ``images``
+        ``(B, 3, H, W)``, each through :meth:`forward_task`; a training step can then back-propagate
+        each task's loss before the next task's forward and hold one path's activations at a time.
+        False by default (the tasks share one forward)."""
+        return False
+
     def shared_representation_module(self) -> nn.Module | None:
         """The module whose output (one tensor) is the only input every task head reads from the
         shared parameters, or None when the network has no such representation (the default).

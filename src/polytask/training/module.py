@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -62,6 +62,14 @@ class MultiTaskModule(pl.LightningModule):
             (:mod:`polytask.weighting`; in a config a ``class_path`` and its ``init_args``); None:
             :class:`~polytask.weighting.FixedWeighting`, the fixed loss weights above. Validation
             and test losses always use the fixed weights (:meth:`weighted_total`).
+        task_backward: ``auto`` (default): when the network runs its task paths one after another
+            for a training batch (:meth:`~polytask.models.MultiTaskNet.runs_tasks_apart`: ETR-NLP and
+            the routed baselines with ``task_batching`` looping), back-propagate each task's loss
+            right after its path's forward, so that one path's activations are held at a time; the
+            gradients are those of the joint backward (summed in another order). It needs weights
+            known before the losses (fixed, equal, uncertainty, DWA, RLW), one process, no gradient
+            accumulation, no float16 loss scaling and no task-interference callback; otherwise, and
+            with ``joint``, one backward pass of the total.
 
     Checkpoints carry, besides Lightning's state, ``checkpoint["polytask"]``: the model config
     (:attr:`config_json`), the global random generators and the non-finite guard's counters.
@@ -84,8 +92,16 @@ class MultiTaskModule(pl.LightningModule):
         legacy_sigmoid: bool = False,
         metric_protocol: MetricProtocol = "split_level",
         weighting: Weighting | None = None,
+        task_backward: Literal["auto", "joint"] = "auto",
     ) -> None:
         super().__init__()
+        if task_backward not in ("auto", "joint"):
+            raise ValueError(f"task_backward must be 'auto' or 'joint', got {task_backward!r}")
+        self.task_backward = task_backward
+        self.keep_task_graphs = False
+        """Set by callbacks that read :attr:`step_task_losses` with their graphs before the backward
+        pass (:class:`~polytask.diagnostics.TaskInterference`): training steps then use one joint backward."""
+        self._gradients_ready = False
         self.tasks = [task.with_metric_options(legacy_sigmoid=legacy_sigmoid) for task in tasks]
         names = [t.name for t in self.tasks]
         for source, weights in (("loss_weights", loss_weights), ("default_loss_weights", default_loss_weights)):
@@ -160,7 +176,10 @@ class MultiTaskModule(pl.LightningModule):
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Back-propagate the total, or let a strategy that owns the backward pass fill the gradients
-        (gradient aggregation)."""
+        (gradient aggregation); nothing when the training step back-propagated task by task."""
+        if self._gradients_ready:
+            self._gradients_ready = False
+            return
         if self.weighting.owns_backward:
             world_size = self.trainer.world_size if self._trainer is not None else 1
             self.weighting.backward(loss, self.step_task_losses, self._reduce_mean, world_size)
@@ -205,7 +224,54 @@ class MultiTaskModule(pl.LightningModule):
         """Let the guard copy the buffers a skipped step must restore."""
         self.guard.snapshot(self)
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Optimizer) -> None:
+        """Lightning's zeroing (after the training step, before its backward), except when the step
+        already filled the gradients task by task."""
+        if not self._gradients_ready:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward_by_task(self, images: torch.Tensor) -> bool:
+        """Whether the training step on ``images`` back-propagates task by task (see ``task_backward``)."""
+        if self.task_backward != "auto" or not self.automatic_optimization or self.keep_task_graphs:
+            return False
+        runs_apart = getattr(self.net, "runs_tasks_apart", None)  # (the bench's bare network has no task paths)
+        if self.weighting.owns_backward or not self.weighting.per_task_steps or runs_apart is None or not runs_apart(images):
+            return False
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return trainer.world_size == 1 and trainer.accumulate_grad_batches == 1 and scaler is None
+
+    def _training_step_by_task(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward, loss and backward of one task after another; returns the detached total."""
+        images = batch["image"]
+        for p in self.parameters():
+            p.grad = None
+        self.weighting.set_epoch(self.current_epoch)
+        weights = self.weighting.per_task_weights()
+        task_losses: dict[str, torch.Tensor] = {}
+        terms = []
+        for task in self.tasks:
+            loss = task.loss(self.net.forward_task(images, task.name), batch[task.name])
+            term = self.weighting.task_term(task.name, loss, weights)
+            term.backward()
+            task_losses[task.name] = loss.detach()
+            terms.append(term.detach())
+        total = torch.stack(terms).sum()
+        self.weighting.update(task_losses, self._reduce_mean)
+        self.step_task_losses = {}
+        self._gradients_ready = True
+        batch_size = images.shape[0]
+        self.guard.observe_losses(task_losses, total)
+        self.log_dict({f"train/weight/{n}": w for n, w in self.weighting.last_weights.items()}, batch_size=batch_size)
+        self.log_dict({f"train/loss/{n}": v for n, v in task_losses.items()}, batch_size=batch_size)
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        return total
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.backward_by_task(batch["image"]):
+            return self._training_step_by_task(batch)
         outputs = self(batch["image"])
         task_losses = self.compute_losses(outputs, batch)
         self.step_task_losses = task_losses

@@ -152,10 +152,15 @@ class RoutedNet(MultiTaskNet):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """All tasks, stacked or in a loop as ``task_batching`` says: ``(B, 3, H, W)`` -> ``{task: output}``."""
-        mode = choose_task_batching(self.task_batching, images, len(self.task_names), self.first_layer)
-        if self.routing.task_conditioned and mode == "loop":
+        if self.runs_tasks_apart(images):
             return {name: self.forward_task(images, name) for name in self.task_names}
         return self.forward_tasks(images, self.task_names)
+
+    def runs_tasks_apart(self, images: torch.Tensor) -> bool:
+        """True when the task paths differ (task-conditioned routing) and ``task_batching`` loops
+        for ``images`` (:func:`choose_task_batching`)."""
+        mode = choose_task_batching(self.task_batching, images, len(self.task_names), self.first_layer)
+        return self.routing.task_conditioned and mode == "loop"
 
     @property
     def display_name(self) -> str:
