@@ -583,6 +583,30 @@ def test_per_task_training_weights_each_task_step(strategy: str, tmp_path: Path)
         torch.testing.assert_close(weights, torch.exp(-m.weighting.log_variances.detach()), rtol=0.05, atol=0.0)
 
 
+def test_a_skipped_non_finite_step_leaves_no_trace_in_the_strategys_state(tmp_path: Path) -> None:
+    """A NaN loss in the second step: the non-finite guard skips it and restores the module's
+    buffers, DWA's loss sums and step count included, so DWA's epoch means hold the finite steps only."""
+    pl.seed_everything(0)
+    data = tiny_data(tmp_path / "cache")
+    m = module(data, DynamicWeightAverage())
+    compute = m.compute_losses
+    seen: list[dict[str, float]] = []
+
+    def losses_with_a_nan(outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        result = compute(outputs, batch)
+        if len(seen) == 1:
+            result["depth"] = result["depth"] * float("nan")
+        seen.append({n: float(v) for n, v in result.items()})
+        return result
+
+    m.compute_losses = losses_with_a_nan  # type: ignore[method-assign]
+    trainer(tmp_path, max_epochs=2).fit(m, datamodule=data)  # epoch 0: a finite step, then the NaN step
+    assert m.guard.total == 1 and math.isnan(seen[1]["depth"])
+    assert int(m.weighting.finished_epochs) == 1
+    expected = torch.tensor([seen[0][n] for n in TASKS], dtype=m.weighting.history.dtype)  # epoch 0's mean: step 0 alone
+    torch.testing.assert_close(m.weighting.history[1], expected, rtol=1e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("strategy", ["dwa", "rlw", "famo"])
 def test_checkpoint_round_trip_restores_the_strategy_state(strategy: str, tmp_path: Path) -> None:
     """Train 4 steps (2 epochs), save a Lightning checkpoint, load it into a fresh module: the
