@@ -341,6 +341,7 @@ PER_TASK_MODULE = "polytask.training.PerTaskModule"
 EQUIVALENCE_CASES = {
     "hard_sharing": (HARD_SHARING, MULTI_TASK_MODULE, None),
     "hard_sharing_famo": (HARD_SHARING, MULTI_TASK_MODULE, {"class_path": "polytask.weighting.FAMO"}),
+    "hard_sharing_dwa": (HARD_SHARING, MULTI_TASK_MODULE, {"class_path": "polytask.weighting.DynamicWeightAverage"}),
     "hard_sharing_gradnorm": (HARD_SHARING, MULTI_TASK_MODULE, {"class_path": "polytask.weighting.GradNorm"}),
     "hard_sharing_upgrad": (HARD_SHARING, MULTI_TASK_MODULE, UPGRAD),
     "hard_sharing_upgrad_representation": (
@@ -355,6 +356,7 @@ EQUIVALENCE_CASES = {
 """Network, module and loss weighting (None: the fixed weights) of each 2-process equivalence case;
 ``hard_sharing_famo``: a strategy whose weights and state depend on the losses of every process, and
 the task-interference callback, whose per-task gradients are averaged over the processes;
+``hard_sharing_dwa``: running loss sums of losses averaged over the processes;
 ``hard_sharing_gradnorm``: learnt weights trained on per-task gradient norms averaged over the processes;
 ``hard_sharing_upgrad``: gradient aggregation on the Jacobian of the shared parameters, averaged
 over the processes before aggregating (DDP's own averaging is off); ``..._representation``: on the
@@ -465,6 +467,7 @@ def test_gloo_sync_batchnorms_are_plain_outside_distributed_runs() -> None:
 LIGHTNING_LAUNCHED = (
     "hard_sharing",
     "hard_sharing_famo",
+    "hard_sharing_dwa",
     "hard_sharing_gradnorm",
     "hard_sharing_upgrad",
     "hard_sharing_upgrad_representation",
@@ -506,6 +509,8 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(case: str, tmp_pa
         if weighting["class_path"].endswith("FAMO"):  # the strategy's state moved, identically in both runs
             logits = single_state["weighting.logits"]
             assert float(logits.abs().sum()) > 0 and int(single_state["weighting.adam_steps"]) > 0
+        if weighting["class_path"].endswith("DynamicWeightAverage"):  # the epoch's loss sums, the same in both runs
+            assert float(single_state["weighting.loss_sum"].abs().sum()) > 0 and int(single_state["weighting.steps"]) == 2
         if weighting["class_path"].endswith("GradNorm"):  # its weights were trained, identically in both runs
             assert not torch.equal(single_state["weighting.task_weights"], initial["weighting.task_weights"])
         # the interference callback (on in this case) averages the per-task gradients over the processes first
