@@ -309,6 +309,7 @@ class FakeRecorder(torch.nn.Module):
         self.record_gates = False
         self.gate_record: list[torch.Tensor] = []
         self.mmoe_blocks = [3, 6]
+        self.learned_gates = True
         self.task_names = ["a", "b"]
 
     def gate_slot_names(self) -> list[list[str]]:

@@ -17,28 +17,33 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE = (32, 48)
 BACKBONE = {"img_size": IMAGE, "embed_dim": 32, "depth": 4, "num_heads": 2}
 PAPER_TASKS = {
-    "pascal": lambda: [build_task("semseg", num_classes=21), build_task("human_parts", num_classes=7),
-                       build_task("sal"), build_task("normals"), build_task("edge")],
-    "nyud": lambda: [build_task("semseg", num_classes=40), build_task("depth"), build_task("normals"),
-                     build_task("edge")],
+    "pascal": lambda: [
+        build_task("semseg", num_classes=21),
+        build_task("human_parts", num_classes=7),
+        build_task("sal"),
+        build_task("normals"),
+        build_task("edge"),
+    ],
+    "nyud": lambda: [build_task("semseg", num_classes=40), build_task("depth"), build_task("normals"), build_task("edge")],
 }
 
 
 def tasks() -> list:
-    return [build_task("semseg", num_classes=5), build_task("normals"),
-            build_task("attributes", name="mouth", attribute_names=["a", "b"])]
+    return [build_task("semseg", num_classes=5), build_task("normals"), build_task("attributes", name="mouth", attribute_names=["a", "b"])]
 
 
 def tiny(cls: type[TaskExpert], **options: object) -> TaskExpert:
     torch.manual_seed(0)
-    return cls(tasks(), backbone="vit_tiny_patch16_224", backbone_options=dict(BACKBONE), num_experts=3, width=16,
-               head_channels=8, **options)
+    return cls(
+        tasks(), backbone="vit_tiny_patch16_224", backbone_options=dict(BACKBONE), num_experts=3, width=16, head_channels=8, **options
+    )
 
 
 def test_static_control_is_registered_and_has_no_gates() -> None:
     assert MODEL_REGISTRY["taskexpert_static"] is StaticTaskExpert
-    net = create_model("taskexpert_static", tasks(), backbone="vit_tiny_patch16_224",
-                       backbone_options=dict(BACKBONE), num_experts=3, width=16)
+    net = create_model(
+        "taskexpert_static", tasks(), backbone="vit_tiny_patch16_224", backbone_options=dict(BACKBONE), num_experts=3, width=16
+    )
     assert isinstance(net, StaticTaskExpert)
     assert all(layer.gates is None and not layer.reads_memory for layer in net.mmoe)
     assert not any(".gates." in name for name, _ in net.named_parameters())
@@ -107,3 +112,12 @@ def test_paper_configs_static_control_matches_params_and_flops(config: str) -> N
     assert within(a.total_params, b.total_params)
     assert within(decoder_params(a.groups), decoder_params(b.groups))
     assert within(a.flops, b.flops)
+
+
+def test_expert_usage_diagnostics_leave_the_static_control_alone() -> None:
+    """Its gates are the constant 1/N: no usage files, tables or dominant-expert maps for it."""
+    from polytask.diagnostics.expert_usage import gate_recorder_of
+
+    static, dynamic = tiny(StaticTaskExpert), tiny(TaskExpert)
+    assert not static.learned_gates and dynamic.learned_gates
+    assert gate_recorder_of(static) is None and gate_recorder_of(dynamic) is dynamic

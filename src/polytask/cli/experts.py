@@ -38,10 +38,13 @@ def main(args: Sequence[str]) -> int:
     arguments are config overrides, as for ``polytask fit``.
     """
     parser = argparse.ArgumentParser(prog="polytask experts", description=main.__doc__)
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML config (repeatable, applied in order over polytask's defaults)")
-    parser.add_argument("--ckpt_path", "--weights", dest="ckpt_path",
-                        help="weights to load: a Lightning checkpoint or exported .safetensors (default: the config's initial weights)")
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, applied in order over polytask's defaults)")
+    parser.add_argument(
+        "--ckpt_path",
+        "--weights",
+        dest="ckpt_path",
+        help="weights to load: a Lightning checkpoint or exported .safetensors (default: the config's initial weights)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file (resized to the network's resolution)")
     source.add_argument("--index", type=int, help="index of a sample of the datamodule's validation split")
@@ -53,7 +56,7 @@ def main(args: Sequence[str]) -> int:
         load_weights(module, options.ckpt_path)
     net = gate_recorder_of(module)
     if net is None:
-        parser.error(f"the network of {options.config} records no gate weights")
+        parser.error(f"the network of {options.config} has no learned gate weights to show (none, or fixed ones)")
     if options.image:
         size = getattr(net, "image_size", None)
         if size is None:

@@ -34,6 +34,7 @@ class GateRecorder(Protocol):
     record_gates: bool
     gate_record: list[torch.Tensor]
     mmoe_blocks: list[int]
+    learned_gates: bool
 
     @property
     def task_names(self) -> list[str]: ...
@@ -76,10 +77,11 @@ class GateUsage:
 
 
 def gate_recorder_of(module: nn.Module) -> GateRecorder | None:
-    """The gate-recording network of a Lightning module (its ``net``) or the module itself, else None."""
+    """The gate-recording network of a Lightning module (its ``net``) or the module itself, if its
+    gates are learned; else None (no gates, or fixed ones such as the static control's ``1/N``)."""
     for candidate in (getattr(module, "net", None), module):
         if isinstance(candidate, GateRecorder):
-            return candidate
+            return candidate if candidate.learned_gates else None
     return None
 
 
@@ -91,15 +93,21 @@ def usage_payload(
     return {
         "tasks": list(tasks),
         "layers": [
-            {"block": int(block), "slots": list(names),
-             "mean_gate": {t: {s: float(m[i, j]) for j, s in enumerate(names)} for i, t in enumerate(tasks)}}
+            {
+                "block": int(block),
+                "slots": list(names),
+                "mean_gate": {t: {s: float(m[i, j]) for j, s in enumerate(names)} for i, t in enumerate(tasks)},
+            }
             for m, names, block in zip(means, slots, blocks)
         ],
     }
 
 
 def usage_summary(
-    means: Sequence[torch.Tensor], tasks: Sequence[str], slots: Sequence[Sequence[str]], blocks: Sequence[int],
+    means: Sequence[torch.Tensor],
+    tasks: Sequence[str],
+    slots: Sequence[Sequence[str]],
+    blocks: Sequence[int],
     title: str = "expert usage",
 ) -> Table:
     """A short table of mean gate weights: per task (rows) and MMoE layer (columns), the most used
@@ -146,8 +154,7 @@ def plot_usage_heatmaps(
         ax.set_xticks(range(len(names)), names, rotation=90)
         ax.set_yticks(range(len(tasks)), tasks if ax is axes[0, 0] else [""] * len(tasks))
         for (i, j), value in np.ndenumerate(m.numpy()):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="black" if value > 0.6 * vmax else "white")
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.6 * vmax else "white")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, y=1.04)
     out = Path(path)
@@ -163,7 +170,7 @@ class ExpertUsageMonitor(pl.Callback):
     ``experts/block<b>/<task>/<slot>`` and writes ``<dir>/step<step>.png`` (heatmaps, one panel
     per layer) and ``<dir>/step<step>.json``. When ``fit`` ends it prints a short summary of the
     last validation's usage (per task and layer the most used expert, and the memory's share)
-    and where the picture is. Networks without gates are left alone, silently: every polytask run
+    and where the picture is. Networks without learned gates are left alone, silently: every polytask run
     has this callback (:mod:`polytask.training.standard_callbacks`).
 
     Under DDP every process takes part in the sums and in resolving the directory (reading
@@ -192,8 +199,9 @@ class ExpertUsageMonitor(pl.Callback):
         self.usage.reset()
         self._net.record_gates = True
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
-                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self._net is not None:
             self.usage.update(self._net.gate_record)
 
@@ -204,15 +212,17 @@ class ExpertUsageMonitor(pl.Callback):
         net.record_gates = False
         net.gate_record = []
         self._net = None
-        means = self.usage.compute(
-            lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum")
-        )
+        means = self.usage.compute(lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum"))
         tasks, slots, blocks = net.task_names, net.gate_slot_names(), net.mmoe_blocks
         if self.log_scalars:
-            pl_module.log_dict({
-                f"experts/block{b}/{t}/{s}": float(m[i, j])
-                for m, names, b in zip(means, slots, blocks) for i, t in enumerate(tasks) for j, s in enumerate(names)
-            })
+            pl_module.log_dict(
+                {
+                    f"experts/block{b}/{t}/{s}": float(m[i, j])
+                    for m, names, b in zip(means, slots, blocks)
+                    for i, t in enumerate(tasks)
+                    for j, s in enumerate(names)
+                }
+            )
         out_dir = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "expert_usage"
         self._write(trainer, out_dir, means, tasks, slots, blocks)
         self._last = (trainer.global_step, means, tasks, slots, blocks, out_dir / f"step{trainer.global_step:07d}.png")
@@ -223,23 +233,25 @@ class ExpertUsageMonitor(pl.Callback):
 
     @staticmethod
     @rank_zero_only
-    def _print_summary(step: int, means: list[torch.Tensor], tasks: list[str], slots: list[list[str]],
-                       blocks: list[int], picture: Path) -> None:
+    def _print_summary(
+        step: int, means: list[torch.Tensor], tasks: list[str], slots: list[list[str]], blocks: list[int], picture: Path
+    ) -> None:
         """Print :func:`usage_summary` of the last validation and where its picture is (rank 0 only)."""
         console = Console()
         console.print(usage_summary(means, tasks, slots, blocks, f"expert usage (validation, step {step})"))
         console.print(f"expert-usage picture: {picture}", soft_wrap=True)
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, out_dir: Path, means: list[torch.Tensor], tasks: list[str],
-               slots: list[list[str]], blocks: list[int]) -> None:
+    def _write(
+        self, trainer: pl.Trainer, out_dir: Path, means: list[torch.Tensor], tasks: list[str], slots: list[list[str]], blocks: list[int]
+    ) -> None:
         """Write the JSON and PNG of one validation into ``out_dir`` (rank 0 only: no collective in here)."""
         stem = out_dir / f"step{trainer.global_step:07d}"
-        payload = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-                   **usage_payload(means, tasks, slots, blocks)}
+        payload = {"epoch": trainer.current_epoch, "step": trainer.global_step, **usage_payload(means, tasks, slots, blocks)}
         write_json_atomic(stem.with_suffix(".json"), payload)
-        plot_usage_heatmaps(means, tasks, slots, blocks, stem.with_suffix(".png"),
-                            title=f"mean gate weight (validation, step {trainer.global_step})")
+        plot_usage_heatmaps(
+            means, tasks, slots, blocks, stem.with_suffix(".png"), title=f"mean gate weight (validation, step {trainer.global_step})"
+        )
 
 
 def dominant_expert_maps(net: nn.Module, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -271,8 +283,9 @@ def dominant_expert_maps(net: nn.Module, image: torch.Tensor) -> dict[str, list[
     maps: dict[str, list[torch.Tensor]] = {t: [] for t in net.task_names}
     for record in records:
         _, num_tasks, num_slots, h, w = record.shape
-        up = F.interpolate(record.reshape(1, num_tasks * num_slots, h, w), size=size, mode="bilinear",
-                           align_corners=False).reshape(num_tasks, num_slots, *size)
+        up = F.interpolate(record.reshape(1, num_tasks * num_slots, h, w), size=size, mode="bilinear", align_corners=False).reshape(
+            num_tasks, num_slots, *size
+        )
         for t, labels in zip(net.task_names, up.argmax(dim=1).cpu()):
             maps[t].append(labels)
     return maps
@@ -311,8 +324,13 @@ def plot_dominant_experts(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.legend(handles=[Patch(color=cmap(k), label=n) for k, n in enumerate(names)], loc="lower center",
-               ncol=min(len(names), 9), fontsize=7, frameon=False)
+    fig.legend(
+        handles=[Patch(color=cmap(k), label=n) for k, n in enumerate(names)],
+        loc="lower center",
+        ncol=min(len(names), 9),
+        fontsize=7,
+        frameon=False,
+    )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")

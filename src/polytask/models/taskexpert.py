@@ -529,6 +529,8 @@ class TaskExpert(MultiTaskNet):
             self.heads.to(memory_format=torch.channels_last)
         self.record_gates = False
         self.gate_record: list[torch.Tensor] = []
+        self.learned_gates = gating == "dynamic"
+        """Whether the gate weights are learned (TaskExpert) or the fixed ``1/N`` (the static control)."""
         self._balance_loss: torch.Tensor | None = None
 
     @property
