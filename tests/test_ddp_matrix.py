@@ -63,7 +63,7 @@ def _taskexpert(**options: Any) -> dict[str, Any]:
 
 
 CASES: dict[str, Case] = {
-    "hard_sharing": Case((), {"decoder_channels": 16, "head_channels": 8}),
+    "hard_sharing": Case(("hard_sharing_synthscenes.yaml",), {"decoder_channels": 16, "head_channels": 8}),
     "hard_sharing_vit": Case(("hard_sharing_synthscenes_vit.yaml",), TINY_HARD_SHARING_VIT),
     "taskexpert": Case(("taskexpert_synthscenes.yaml",), _taskexpert(), expert_usage=True),
     "taskexpert_paper_config": Case(
