@@ -286,7 +286,7 @@ def _check_dry_run_summary(out: Path) -> dict:
     assert {"model_over_bare/fp32/eager/train", "bf16_over_fp32/model/eager/train"} <= set(vitl["ratios"])
 
     etr = summary["benchmarks"]["bench_etr_nlp_vs_hard_sharing"]
-    assert etr["model"] == "HardSharingSegNet" and etr["versus"]["model"] == "ETRNLPSegNet"
+    assert etr["model"] == "RoutedSegNet[hard_sharing]" and etr["versus"]["model"] == "RoutedSegNet[etr_nlp]"
     assert etr["image_size"] == etr["versus"]["image_size"] == [64, 64]
     assert {row["key"] for row in etr["comparison"]} >= {"model/fp32/eager/train", "model/bf16/eager/infer"}
     for row in etr["comparison"]:
