@@ -102,6 +102,25 @@ class MultiTaskNet(nn.Module):
         return [] if backbone is None else [p for p in backbone.parameters() if p.requires_grad]
 
 
+def forward_on_patch_grid(
+    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]], images: torch.Tensor, patch: Sequence[int] | None
+) -> dict[str, torch.Tensor]:
+    """``forward(images)`` for a network whose input must be a multiple of ``patch`` ``(h, w)`` (a ViT's
+    patch size; None: any size).
+
+    ``images`` ``(B, 3, H, W)`` off the grid are padded with zeros at the bottom and right (the mean
+    colour of normalised images) to the next multiple, and the dense outputs ``(B, C, H', W')`` are
+    cropped back to ``(H, W)``, so every pixel keeps its place on the token grid; image-level
+    outputs ``(B, C)`` are returned as they are.
+    """
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height % patch[0], -width % patch[1]) if patch is not None else (0, 0)
+    if not (pad_h or pad_w):
+        return forward(images)
+    outputs = forward(torch.nn.functional.pad(images, (0, pad_w, 0, pad_h)))
+    return {name: out[..., :height, :width] if out.dim() == 4 else out for name, out in outputs.items()}
+
+
 NetworkFactory = TypeVar("NetworkFactory", bound=Callable[..., MultiTaskNet])
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from polytask.models.backbones import TimmBackbone
-from polytask.models.base import MultiTaskNet, register_model
+from polytask.models.base import MultiTaskNet, forward_on_patch_grid, register_model
 from polytask.models.heads import FusionDecoder, make_head
 from polytask.tasks import Task
 
@@ -72,17 +71,13 @@ class HardSharing(MultiTaskNet):
         colour of normalised images) and the dense outputs are cropped back to ``(H, W)``, as
         TaskExpert does.
         """
-        height, width = images.shape[-2:]
-        grid = self.backbone.patch_grid
-        pad_h, pad_w = (-height % grid[0], -width % grid[1]) if grid is not None else (0, 0)
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
+        return forward_on_patch_grid(self._forward_on_grid, images, self.backbone.patch_grid)
+
+    def _forward_on_grid(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward` of images the backbone takes as they are."""
         shared = self.decoder(self.backbone(images))
         size = images.shape[-2:]
-        outputs = {name: head(shared, size) for name, head in self.heads.items()}
-        if pad_h or pad_w:
-            outputs = {name: out[..., :height, :width] if out.dim() == 4 else out for name, out in outputs.items()}
-        return outputs
+        return {name: head(shared, size) for name, head in self.heads.items()}
 
 
 @register_model("single_task")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytask.models.backbones import create_timm_model
-from polytask.models.base import MultiTaskNet, register_model
+from polytask.models.base import MultiTaskNet, forward_on_patch_grid, register_model
 from polytask.models.heads import ImageHead
 from polytask.tasks import Task
 
@@ -589,13 +589,7 @@ class TaskExpert(MultiTaskNet):
         right (the mean colour of normalised images) to the next multiple, and the dense outputs
         are cropped back to ``(H, W)``: every pixel keeps its place on the token grid.
         """
-        height, width = images.shape[-2:]
-        patch_h, patch_w = self.backbone.patch_embed.patch_size
-        pad_h, pad_w = -height % patch_h, -width % patch_w
-        if not (pad_h or pad_w):
-            return self._forward_padded(images)
-        outputs = self._forward_padded(F.pad(images, (0, pad_w, 0, pad_h)))
-        return {name: out[..., :height, :width] if out.dim() == 4 else out for name, out in outputs.items()}
+        return forward_on_patch_grid(self._forward_padded, images, self.backbone.patch_embed.patch_size)
 
     def _forward_padded(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`forward` of images whose size is a multiple of the patch size."""
