@@ -265,8 +265,7 @@ class MultiTaskModule(pl.LightningModule):
         batch_size = images.shape[0]
         self.guard.observe_losses(task_losses, total)
         self.log_dict({f"train/weight/{n}": w for n, w in self.weighting.last_weights.items()}, batch_size=batch_size)
-        self.log_dict({f"train/loss/{n}": v for n, v in task_losses.items()}, batch_size=batch_size)
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        self.log_training_losses(task_losses, total, batch_size)
         return total
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -282,9 +281,13 @@ class MultiTaskModule(pl.LightningModule):
             total = total + aux
             self.log("train/loss/aux", aux.detach(), batch_size=batch_size)
         self.guard.observe_losses(task_losses, total)
+        self.log_training_losses(task_losses, total, batch_size)
+        return total
+
+    def log_training_losses(self, task_losses: Mapping[str, torch.Tensor], total: torch.Tensor, batch_size: int) -> None:
+        """Log ``train/loss/<task>`` and ``train/loss`` (the total, on the progress bar) of a training step."""
         self.log_dict({f"train/loss/{n}": v.detach() for n, v in task_losses.items()}, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
-        return total
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Skip the step (drop gradients, restore buffers) when the loss or a gradient is NaN/inf."""

@@ -158,5 +158,4 @@ class PerTaskModule(MultiTaskModule):
         self.weighting.update(task_losses, self._reduce_mean)
         batch_size = images.shape[0]
         self.log_dict({f"train/weight/{n}": w for n, w in weights.items()}, batch_size=batch_size)
-        self.log_dict({f"train/loss/{n}": v for n, v in task_losses.items()}, batch_size=batch_size)
-        self.log("train/loss", self.weighted_total(task_losses), prog_bar=True, batch_size=batch_size)
+        self.log_training_losses(task_losses, self.weighted_total(task_losses), batch_size)
