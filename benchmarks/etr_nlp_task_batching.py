@@ -38,6 +38,7 @@ from polytask.models.etr_nlp import (
 )
 from polytask.profiling.timing import Variant, time_interleaved
 from polytask.tasks import build_task
+from polytask.utils.host_memory import keep_freed_memory
 
 TASKS = ("semseg", "depth", "normals", "sal", "edge", "human_parts")
 MODES = ("stacked", "loop")
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--markdown", default=None, help="also write the printed table to this file")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the polytask command does (polytask.utils.host_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

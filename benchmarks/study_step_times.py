@@ -21,6 +21,7 @@ import torch
 from polytask.config import instantiate
 from polytask.study.spec import load_study
 from polytask.training import MultiTaskModule
+from polytask.utils.host_memory import keep_freed_memory
 
 
 @dataclass
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per arm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    keep_freed_memory()  # as the polytask command does (polytask.utils.host_memory)
     torch.set_num_threads(args.threads)
     timed = build(args.study, args.arms)
     for arm in timed.values():

@@ -41,6 +41,7 @@ from polytask.models.backbones import create_timm_model
 from polytask.models.summary import flop_counter
 from polytask.models.taskexpert import TaskExpert
 from polytask.tasks import Task, build_task
+from polytask.utils.host_memory import keep_freed_memory
 
 PRECISIONS = ("fp32", "bf16")
 CLOCKS = {"wall": 0, "cpu": 1}
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the operators whose time grows most from the bare network to the first variant")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the polytask command does (polytask.utils.host_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = tuple(args.size)

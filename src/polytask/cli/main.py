@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from polytask.config import LIGHTNING_COMMANDS, PreflightError, lightning_main
 from polytask.training.checkpoint import CheckpointError
+from polytask.utils.host_memory import keep_freed_memory
 
 TOOLS: dict[str, str] = {
     "bench": "step time, memory, FLOPs and the ratios of one run",
@@ -69,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0
+    try:
+        keep_freed_memory()
+    except ValueError as err:
+        print(f"polytask: {err}", file=sys.stderr)
+        return 2
     if args[0] in TOOLS:
         return run_tool(args[0], args[1:])
     if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:

@@ -54,6 +54,8 @@ def render_report(report: Mapping[str, Any], console: Console) -> None:
         )
     for what, reason in report["skipped"].items():
         console.print(f"[yellow]skipped {what}[/]: {reason}")
+    if "host_malloc" in report:
+        console.print(f"host malloc: {report['host_malloc']} (polytask.utils.host_memory)")
     for note in report["notes"]:
         console.print(f"note: {note}")
 

@@ -18,6 +18,7 @@ from polytask.profiling.loader import LoaderStats
 from polytask.profiling.memory import peak_memory_mb, top_operators
 from polytask.profiling.timing import Result, Variant, ratios, time_interleaved
 from polytask.profiling.variants import build_variants, unused_parameters
+from polytask.utils.host_memory import host_malloc_state
 
 
 def _device_name(device: torch.device) -> str:
@@ -158,6 +159,7 @@ def run_bench(
     ]
     experiment.module.cpu()
     report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["host_malloc"] = host_malloc_state()
     return report
 
 
@@ -263,4 +265,5 @@ def run_versus(
     base.module.cpu()
     other.module.cpu()
     report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["host_malloc"] = host_malloc_state()
     return report

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from polytask.training.checkpoint import ResumableCheckpoint
 from polytask.utils.files import write_json_atomic
+from polytask.utils.host_memory import host_malloc_state, keep_freed_memory
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -164,6 +165,7 @@ def run(run_dir: Path) -> int:
         "status": "running", "arm": spec["arm"], "seed": spec["seed"], "study": spec["study"],
         **code_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": {"node": platform.node(), "processor": platform.machine(), "cpus": os.cpu_count()},
+        "host_malloc": host_malloc_state(),
         "attempts": attempts,
     }
     attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -196,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m polytask.study.worker RUN_DIR", file=sys.stderr)
         return 2
+    keep_freed_memory()
     return run(Path(args[0]))
 
 
