@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import polytask.models.etr_nlp.net as net_module
+import polytask.models.etr_nlp.nlp as nlp_module
+from polytask.models.etr_nlp import RoutedSegNet
 from polytask.models.etr_nlp.layers import RoutedConv
 from polytask.models.etr_nlp.nlp import PointwiseMix, pointwise_blocks
 from polytask.models.etr_nlp.primitives import FixedPool
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
+from polytask.tasks import build_task
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -87,3 +93,100 @@ def test_joint_mix_equals_separate_shared_and_task_mixes(bias: bool) -> None:
     with router.route([2]):
         alone = layer(x[:2])
     torch.testing.assert_close(alone, joint[:2], rtol=0, atol=0)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this PyTorch build")
+
+
+def _matmul_mixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every mix to the matrix-product formulation (the one float64 and GPUs run)."""
+    monkeypatch.setattr(nlp_module, "onednn_mixes", lambda x: False)
+    monkeypatch.setattr(net_module, "onednn_mixes", lambda x: False)
+
+
+@needs_onednn
+@pytest.mark.parametrize(("blocks", "groups", "bias"), [(1, 1, False), (1, 2, True), (3, 2, False), (2, 1, True)])
+def test_onednn_mixes_equal_the_matrix_products(monkeypatch: pytest.MonkeyPatch, blocks: int, groups: int, bias: bool) -> None:
+    o, i, b = 5, 12, 2
+    x = torch.randn(blocks * b, groups * i, 9, 11).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(blocks, groups, o, i, requires_grad=True)
+    bias_t = torch.randn(blocks, groups * o, requires_grad=True) if bias else None
+    grad_out = torch.randn(blocks * b, groups * o, 9, 11)
+
+    def run() -> list[torch.Tensor]:
+        xx = x.clone().requires_grad_()
+        y = pointwise_blocks(xx, weight, bias_t)
+        inputs = [xx, weight] + ([bias_t] if bias else [])
+        return [y, *torch.autograd.grad(y, inputs, grad_out)]
+
+    fast = run()
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    _matmul_mixes(monkeypatch)
+    reference = run()
+    for got, expected in zip(fast, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_mix_of_a_block_does_not_depend_on_the_other_blocks() -> None:
+    x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(3, 2, 4, 4, requires_grad=True)
+    grad_out = torch.randn(6, 8, 10, 10)
+    y = pointwise_blocks(x, weight, None)
+    grads = torch.autograd.grad(y, [x, weight], grad_out)
+    for k in range(3):
+        xk = x[2 * k : 2 * k + 2].detach().clone().requires_grad_()
+        wk = weight[k : k + 1].detach().clone().requires_grad_()
+        yk = pointwise_blocks(xk, wk, None)
+        gx, gw = torch.autograd.grad(yk, [xk, wk], grad_out[2 * k : 2 * k + 2])
+        assert torch.equal(yk, y[2 * k : 2 * k + 2])
+        assert torch.equal(gx, grads[0][2 * k : 2 * k + 2]) and torch.equal(gw, grads[1][k : k + 1])
+
+
+def test_conv_task_branch_stays_in_nchw_memory() -> None:
+    """With convolution task branches the mixes stay matrix products (channels-last measured slower there)."""
+    tasks = [build_task("semseg", num_classes=5), build_task("depth")]
+    net = RoutedSegNet(tasks, filters=(8, 16, 16, 16, 16), routing="etr_nlp", task_branch="conv")
+    features = []
+    net.trunk.encoder_block[1].register_forward_hook(lambda module, inputs, output: features.append(output))
+    net(torch.randn(2, 3, 32, 48))
+    assert features and all(f.is_contiguous() for f in features)
+
+
+@needs_onednn
+def test_channels_last_network_is_as_accurate_as_the_matrix_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 RoutedSegNet with oneDNN mixes in channels-last memory against the same net in float64: outputs
+    and gradients no further from float64 than twice the float32 matrix-product formulation's (batch
+    statistics of 2 images make float32 gradients of this net a few percent off float64 either way)."""
+    torch.manual_seed(0)
+    tasks = [build_task("semseg", num_classes=5), build_task("depth")]
+    net = RoutedSegNet(tasks, filters=(8, 16, 16, 16, 16), routing="etr_nlp", task_branch="nlp")
+    images = torch.randn(2, 3, 32, 48)
+    calls = []
+    apply = nlp_module._OneDnnBlocks.apply
+    monkeypatch.setattr(nlp_module._OneDnnBlocks, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def step(model: nn.Module, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(inputs)
+        sum(o.pow(2).mean() for o in out.values()).backward()
+        grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach().double() for k, v in out.items()}, grads
+
+    exact = step(copy.deepcopy(net).double(), images.double())
+    fast = step(net, images)
+    # the stacked all-task step: one joint mix per routed convolution, every one in oneDNN
+    assert len(calls) == sum(isinstance(m, RoutedConv) for m in net.modules()) == 26
+    assert all(v.is_contiguous() for v in net(images).values())
+    _matmul_mixes(monkeypatch)
+    matmul = step(net, images)
+
+    def error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+        """Relative error of all tensors together (Frobenius norms)."""
+        diff = torch.stack([(got[k] - want[k]).norm() for k in want]).norm()
+        return float(diff / torch.stack([v.norm() for v in want.values()]).norm())
+
+    assert fast[1].keys() == exact[1].keys()
+    for part, bound in ((0, 1e-4), (1, 0.1)):
+        assert error(fast[part], exact[part]) < bound
+        assert error(fast[part], exact[part]) <= 2 * error(matmul[part], exact[part]) + 1e-7

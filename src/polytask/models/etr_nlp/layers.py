@@ -206,9 +206,12 @@ class RoutedConv(nn.Module):
             # group-major like the weight rows: group j holds its shared, then its task channels
             bias = torch.cat([shared.bias.view(1, g, -1).expand(n, -1, -1), task_bias.view(n, g, -1)], dim=2).flatten(1)
         y = pointwise_blocks(responses, weight, bias)
-        nb, _, h, w = y.shape
-        y_shared, y_task = y.view(nb, g, -1, h, w).split([self.shared_channels // g, self.task_channels // g], dim=2)
-        return torch.cat([y_shared.reshape(nb, self.shared_channels, h, w), y_task.reshape(nb, self.task_channels, h, w)], dim=1)
+        shared_rows, task_rows = self.shared_channels // g, self.task_channels // g
+        rows = shared_rows + task_rows
+        # one slice per group and branch, concatenated: keeps y's memory format (a reshape would not)
+        shared_parts = [y[:, j * rows : j * rows + shared_rows] for j in range(g)]
+        task_parts = [y[:, j * rows + shared_rows : (j + 1) * rows] for j in range(g)]
+        return torch.cat(shared_parts + task_parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C_in, H, W)`` -> ``(n B, C_out, ceil(H / s), ceil(W / s))``: shared channels first."""

@@ -12,7 +12,7 @@ from torch import nn
 from polytask.models.base import MultiTaskNet, register_model
 from polytask.models.etr_nlp.conversion import Routing, RoutingKind, route_modules
 from polytask.models.etr_nlp.layers import RoutedConv, TaskBatchNorm, TaskBranch
-from polytask.models.etr_nlp.nlp import NLPOptions
+from polytask.models.etr_nlp.nlp import NLPOptions, onednn_mixes
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
 from polytask.tasks import Task
 
@@ -140,11 +140,19 @@ class RoutedNet(MultiTaskNet):
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; tasks: {self.task_names}")
         if not self.routing.task_conditioned:
-            features = self.trunk(images)
-            return {name: self.heads[name](features, size) for name in names}
+            features = self.trunk(self._trunk_layout(images))
+            return {name: self.heads[name](features, size).contiguous() for name in names}
         with self.router.route([self.task_index[n] for n in names]):
-            features = self.trunk(images.repeat(len(names), 1, 1, 1))
-        return {name: self.heads[name](block, size) for name, block in zip(names, features.chunk(len(names)))}
+            features = self.trunk(self._trunk_layout(images.repeat(len(names), 1, 1, 1)))
+        return {name: self.heads[name](block, size).contiguous() for name, block in zip(names, features.chunk(len(names)))}
+
+    def _trunk_layout(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in the memory layout the trunk runs fastest in: channels-last where the NLP
+        blocks' mixes (and NLP task branches) run as oneDNN convolutions (:func:`onednn_mixes`),
+        else unchanged. The layout follows through the trunk; the heads' outputs are made contiguous."""
+        if self.routing.nlp is not None and self.routing.task_branch != "conv" and onednn_mixes(images):
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def forward_task(self, images: torch.Tensor, name: str) -> torch.Tensor:
         """Per-task mode: only the path and head of task ``name``; ``(B, 3, H, W)`` -> its output."""

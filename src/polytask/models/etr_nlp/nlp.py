@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,6 +75,66 @@ class PointwiseMix(nn.Conv2d):
         return self.forward_blocks(x, 1)
 
 
+def onednn_mixes(x: torch.Tensor) -> bool:
+    """True where the mixes of :func:`pointwise_blocks` on channels-last tensors run as oneDNN 1x1
+    convolutions: float32 tensors on a CPU with oneDNN.
+
+    On the CPU, PyTorch's matrix products go to MKL, which ran the mixes at 64-76 GFLOP/s on the
+    AMD core of benchmarks/RESULTS.md ("the arithmetic floor") while oneDNN's 1x1 convolution in
+    channels-last memory ran them at 150-215 GFLOP/s forward and for the input gradient. Where
+    this holds, a routed network with NLP blocks and NLP task branches runs in channels-last
+    memory (:meth:`~polytask.models.etr_nlp.RoutedNet.forward_tasks`), and its mixes take this path.
+    """
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class _OneDnnBlocks(torch.autograd.Function):
+    """Block ``k`` of ``x`` through the grouped 1x1 weight ``weight[k]``, as oneDNN convolutions in channels-last memory.
+
+    Forward: one ``mkldnn_convolution`` per block. Backward: the input gradient is the 1x1
+    convolution of the output gradient with each group's transposed matrix (the same kernel as
+    the forward); the weight gradient is one matrix product per block and group over the
+    block's pixels. Each block is its own calls, so a block's result does not depend on the
+    other blocks.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        n, g, o, i = weight.shape
+        b = x.shape[0] // n
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, weight)
+        blocks = [_conv1x1(x[k * b : (k + 1) * b], weight[k].reshape(g * o, i, 1, 1), g) for k in range(n)]
+        return blocks[0] if n == 1 else torch.cat(blocks)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        n, g, o, i = weight.shape
+        nb, _, h, w = x.shape
+        b = nb // n
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            transposed = weight.transpose(2, 3).reshape(n, g * i, o, 1, 1).contiguous()
+            blocks = [_conv1x1(grad[k * b : (k + 1) * b], transposed[k], g) for k in range(n)]
+            grad_x = blocks[0] if n == 1 else torch.cat(blocks)
+        if ctx.needs_input_grad[1]:
+            # channels-last rows: (pixels, g, O) and (pixels, g, I) per block, read in place
+            grad_rows = grad.permute(0, 2, 3, 1).reshape(n, b * h * w, g, o)
+            x_rows = x.permute(0, 2, 3, 1).reshape(n, b * h * w, g, i)
+            grad_weight = torch.stack([torch.bmm(grad_rows[k].permute(1, 2, 0), x_rows[k].permute(1, 0, 2)) for k in range(n)])
+        return grad_x, grad_weight
+
+
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """oneDNN's 1x1 convolution: ``(B, g I, H, W)`` with ``weight`` ``(g O, I, 1, 1)`` -> ``(B, g O, H, W)``.
+
+    Called directly: ``F.conv2d`` hands a 1x1 convolution on one thread to MKL's matrix product.
+    """
+    return torch.mkldnn_convolution(x, weight, None, (0, 0), (1, 1), (1, 1), groups)
+
+
 def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A grouped 1x1 convolution per batch block: block ``i`` of ``x`` through ``weight[i]``.
 
@@ -85,15 +146,21 @@ def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns:
         ``(n B, g O, H, W)``, output channel ``j O + o`` from group ``j``.
 
-    Large maps (``H W >= O I / (O + I)``) take one ``O x I`` by ``I x H W`` product per image
-    and group, reading ``x`` in place; small maps put the images side by side, one
-    ``O x I`` by ``I x B H W`` product per block and group (rather than copying the weight
-    for every image). The choice depends on the shapes of one image only, and each block is
-    its own products, so a block's result does not depend on the other blocks.
+    A channels-last ``x`` takes oneDNN 1x1 convolutions where :func:`onednn_mixes` holds (the
+    output is channels-last too). Otherwise large maps (``H W >= O I / (O + I)``) take one
+    ``O x I`` by ``I x H W`` product per image and group, reading ``x`` in place; small maps put
+    the images side by side, one ``O x I`` by ``I x B H W`` product per block and group (rather
+    than copying the weight for every image). The choice depends on the shapes of one image
+    only, and each block is its own calls, so a block's result does not depend on the other blocks.
     """
     n, g, o, i = weight.shape
     nb, _, h, w = x.shape
     b, weight = nb // n, weight.to(x.dtype)
+    if is_channels_last(x) and onednn_mixes(x):
+        out = _OneDnnBlocks.apply(x, weight)
+        if bias is not None:
+            out = out + bias.to(x.dtype).repeat_interleave(b, dim=0).view(nb, g * o, 1, 1)
+        return out
     if h * w * (o + i) >= o * i:
         y = torch.matmul(weight.unsqueeze(1), x.reshape(n, b, g, i, h * w))
     else:
@@ -107,6 +174,11 @@ def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         y = y + bias.to(x.dtype).view(n, 1, g, o, 1)
     return y.reshape(nb, g * o, h, w)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-d tensor laid out channels-last and not also contiguous (the two coincide when ``C`` or ``H W`` is 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def mix_groups(in_channels: int, out_channels: int, groups: int | None) -> int:
@@ -161,7 +233,11 @@ class NLPBlock(nn.Module):
 
         Channel ``c k + j`` is ``p_j(x)[:, c]``; the mix (and the task mixes of a
         :class:`~polytask.models.etr_nlp.layers.RoutedConv` with ``task_branch="nlp"``) read this tensor.
+        A channels-last ``x`` gives channels-last responses.
         """
+        if is_channels_last(x):
+            # (N, H, W, C_in, k) in memory: channels-last, channel c k + j
+            return torch.stack([p(x).permute(0, 2, 3, 1) for p in self.primitives], dim=-1).flatten(3).permute(0, 3, 1, 2)
         # stacking on dim 2 is the concatenation followed by the channel shuffle
         return torch.stack([p(x) for p in self.primitives], dim=2).flatten(1, 2)
 

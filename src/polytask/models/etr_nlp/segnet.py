@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polytask.models.etr_nlp.net import RoutedNet, register_routing_variants
+from polytask.models.etr_nlp.nlp import is_channels_last
 from polytask.models.heads import ImageHead
 from polytask.tasks import Task
 
@@ -48,9 +49,13 @@ def max_unpool(x: torch.Tensor, indices: torch.Tensor, size: Sequence[int]) -> t
         size: ``(H, W)`` of the map before pooling.
 
     Returns:
-        ``(N, C, H, W)``, zero except at the pooled positions.
+        ``(N, C, H, W)``, zero except at the pooled positions; channels-last when ``x`` is.
     """
     n, c = x.shape[:2]
+    if is_channels_last(x):
+        rows = x.new_zeros(n, size[0] * size[1], c)
+        rows = rows.scatter(1, indices.permute(0, 2, 3, 1).reshape(n, -1, c), x.permute(0, 2, 3, 1).reshape(n, -1, c))
+        return rows.view(n, size[0], size[1], c).permute(0, 3, 1, 2)
     flat = x.new_zeros(n, c, size[0] * size[1]).scatter(2, indices.flatten(2), x.flatten(2))
     return flat.view(n, c, size[0], size[1])
 
@@ -91,7 +96,8 @@ class SegNetTrunk(nn.Module):
                 xavier_init(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, filters[0], H, W)``."""
+        """``(B, 3, H, W)`` -> ``(B, filters[0], H, W)``, channels-last when ``x`` is."""
+        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         indices, sizes = [], []
         for encode, refine in zip(self.encoder_block, self.conv_block_enc):
             x = refine(encode(x))
@@ -99,7 +105,8 @@ class SegNetTrunk(nn.Module):
             x, index = F.max_pool2d(x, 2, 2, return_indices=True)
             indices.append(index)
         for i in reversed(range(5)):
-            x = max_unpool(x, indices[i], sizes[i])
+            # a 1x1 map is both layouts at once: the unpooled map takes the trunk's layout again
+            x = max_unpool(x, indices[i], sizes[i]).contiguous(memory_format=memory_format)
             x = self.conv_block_dec[i](self.decoder_block[i](x))
         return x
 
