@@ -16,6 +16,7 @@ from polytask.models.etr_nlp.layers import RoutedConv
 from polytask.models.etr_nlp.nlp import PointwiseMix, pointwise_blocks
 from polytask.models.etr_nlp.primitives import FixedPool
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
+from polytask.models.summary import count_flops
 from polytask.tasks import build_task
 
 
@@ -190,3 +191,12 @@ def test_channels_last_network_is_as_accurate_as_the_matrix_products(monkeypatch
     for part, bound in ((0, 1e-4), (1, 0.1)):
         assert error(fast[part], exact[part]) < bound
         assert error(fast[part], exact[part]) <= 2 * error(matmul[part], exact[part]) + 1e-7
+
+
+@needs_onednn
+def test_flop_count_sees_the_onednn_mixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = [build_task("semseg", num_classes=5), build_task("depth")]
+    net = RoutedSegNet(tasks, filters=(8, 16, 16, 16, 16), routing="etr_nlp", task_branch="nlp")
+    onednn = count_flops(net, (32, 48))
+    _matmul_mixes(monkeypatch)
+    assert onednn == count_flops(net, (32, 48)) > 0

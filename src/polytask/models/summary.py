@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
 @dataclass
@@ -44,17 +44,25 @@ class ModelSummary:
         }
 
 
+def _mkldnn_convolution_flops(
+    x_shape: Sequence[int], w_shape: Sequence[int], *args: object, out_shape: Sequence[int], **kwargs: object
+) -> int:
+    """FLOPs of ``aten.mkldnn_convolution`` (called directly by ETR-NLP's mixes on the CPU), as of a convolution."""
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
 def flop_counter(net: nn.Module, image_size: Sequence[int], batch_size: int = 1) -> FlopCounterMode:
     """A FLOP counter that has seen ``net``'s forward on a zero batch ``(batch_size, 3, H, W)``.
 
     Attention runs through PyTorch's math backend here: the fused CPU attention kernel is
-    invisible to the FLOP counter, so its matmuls would otherwise be missed.
+    invisible to the FLOP counter, so its matmuls would otherwise be missed. Direct calls of
+    oneDNN's convolution (ETR-NLP's mixes in float32 on a CPU) are counted as convolutions.
     """
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     images = torch.zeros(batch_size, 3, *image_size, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mkldnn_convolution: _mkldnn_convolution_flops})
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(images)
     net.train(was_training)
