@@ -13,7 +13,7 @@ import polytask.models.etr_nlp.net as net_module
 import polytask.models.etr_nlp.nlp as nlp_module
 from polytask.models.etr_nlp import RoutedSegNet
 from polytask.models.etr_nlp.layers import RoutedConv
-from polytask.models.etr_nlp.nlp import PointwiseMix, pointwise_blocks
+from polytask.models.etr_nlp.nlp import NLPBlock, PointwiseMix, pointwise_blocks
 from polytask.models.etr_nlp.primitives import FixedPool
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
 from polytask.models.summary import count_flops
@@ -200,3 +200,33 @@ def test_flop_count_sees_the_onednn_mixes(monkeypatch: pytest.MonkeyPatch) -> No
     onednn = count_flops(net, (32, 48))
     _matmul_mixes(monkeypatch)
     assert onednn == count_flops(net, (32, 48)) > 0
+
+
+@needs_onednn
+@pytest.mark.parametrize(("out_channels", "gamma", "stride"), [(12, 2 / 3, 1), (16, 0.5, 1), (16, 0.5, 2)])
+def test_channels_last_responses_in_runs_equal_the_interleaved_order(out_channels: int, gamma: float, stride: int) -> None:
+    """A routed convolution on channels-last input, with its responses in runs of input channels (the shared
+    and the task mixes in separate groups, or one joint mix), against the interleaved order and the NCHW layers."""
+    router = TaskRouter(2)
+    conv = RoutedConv(router, 16, out_channels, stride=stride, gamma=gamma, task_branch="nlp", bias=True)
+    assert isinstance(conv.shared, NLPBlock) and conv.shared.response_run > 1
+    x = torch.randn(4, 16, 9, 11)
+    grad_out = torch.randn(4, out_channels, -(-9 // stride), -(-11 // stride))
+    params = list(conv.parameters())
+
+    def run(inputs: torch.Tensor) -> list[torch.Tensor]:
+        inputs = inputs.clone().requires_grad_()
+        with router.route([0, 1]):
+            y = conv(inputs)
+        return [y, *torch.autograd.grad(y, [inputs, *params], grad_out)]
+
+    in_runs = run(x.contiguous(memory_format=torch.channels_last))
+    run_length = conv.shared.response_run
+    conv.shared.response_run = 1  # runs of one channel: the interleaved order c k + j
+    interleaved = run(x.contiguous(memory_format=torch.channels_last))
+    conv.shared.response_run = run_length
+    nchw = run(x)
+    assert in_runs[0].is_contiguous(memory_format=torch.channels_last)
+    for got, a, b in zip(in_runs, interleaved, nchw):
+        torch.testing.assert_close(got, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, b, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ and takes inputs in the stacked-batch layout ``(n B, C, H, W)`` (task blocks alo
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -119,6 +120,8 @@ class RoutedConv(nn.Module):
             self.task_convs = nn.ModuleList(
                 PointwiseMix(k * in_channels, self.task_channels, groups, bias) for _ in range(router.num_tasks)
             )
+            # runs of the channels-last responses that both the shared and the task mixes' groups cover
+            self.shared.response_run = in_channels // math.lcm(self.shared.mix.groups, groups)
         elif self.task_channels:
             self.task_convs = nn.ModuleList(
                 nn.Conv2d(in_channels, self.task_channels, kernel_size, stride, padding, dilation, bias=bias)
@@ -162,11 +165,13 @@ class RoutedConv(nn.Module):
         """
         assert self.task_convs is not None
         tasks = self.router.active
+        if self.task_branch == "nlp":
+            assert isinstance(self.shared, NLPBlock)
+            weight, bias = self._task_mixes(tasks)
+            return pointwise_blocks(x, self.shared.mix_weight(weight, x), bias)
         if len(tasks) == 1:
             return self.task_convs[tasks[0]](x)
         convs = [self.task_convs[t] for t in tasks]
-        if self.task_branch == "nlp":
-            return pointwise_blocks(x, *self._task_mixes(tasks))
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
         first, n = convs[0], len(tasks)
@@ -201,6 +206,7 @@ class RoutedConv(nn.Module):
         n, g = len(tasks), shared.groups
         task_weight, task_bias = self._task_mixes(tasks)
         weight = torch.cat([shared.grouped_weight().expand(n, -1, -1, -1), task_weight], dim=2)
+        weight = self.shared.mix_weight(weight, responses)
         bias = None
         if shared.bias is not None and task_bias is not None:
             # group-major like the weight rows: group j holds its shared, then its task channels
@@ -219,7 +225,8 @@ class RoutedConv(nn.Module):
             responses = self.shared.responses(x)
             if self.task_branch == "nlp" and self.shared.mix.groups == self.task_convs[0].groups:
                 return self.joint_mix(responses)
-            shared = self.shared.mix.forward_blocks(responses, len(self.router.active))
+            order = self.shared.mix_weight
+            shared = self.shared.mix.forward_blocks(responses, len(self.router.active), lambda weight: order(weight, responses))
             return torch.cat([shared, self.task_forward(responses if self.task_branch == "nlp" else x)], dim=1)
         parts = []
         if self.shared is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,13 +60,18 @@ class PointwiseMix(nn.Conv2d):
         g = self.groups
         return self.weight.view(g, self.out_channels // g, self.in_channels // g)
 
-    def forward_blocks(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    def forward_blocks(
+        self, x: torch.Tensor, blocks: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The mix of ``x`` taken as ``blocks`` equal batch blocks: ``(n B, C_in, H, W)`` -> ``(n B, C_out, H, W)``.
 
         Each block is computed as if it came alone (:func:`pointwise_blocks`), so a task's
         images get the same result whether other tasks' blocks are stacked with them or not.
+        ``order``: puts the grouped weight's columns in the order of ``x``'s channels when that is
+        not the weight's own (:meth:`NLPBlock.mix_weight`).
         """
-        weight = self.grouped_weight().unsqueeze(0).expand(blocks, -1, -1, -1)
+        weight = self.grouped_weight() if order is None else order(self.grouped_weight())
+        weight = weight.unsqueeze(0).expand(blocks, -1, -1, -1)
         bias = None if self.bias is None else self.bias.unsqueeze(0).expand(blocks, -1)
         return pointwise_blocks(x, weight, bias)
 
@@ -227,20 +232,47 @@ class NLPBlock(nn.Module):
         )
         k = len(self.primitives)
         self.mix = PointwiseMix(k * in_channels, out_channels, mix_groups(in_channels, out_channels, groups), bias)
+        self.response_run = in_channels // self.mix.groups
+        """Input channels per run of the channels-last responses (see :meth:`responses`); every mix
+        reading them must have groups dividing ``C_in / response_run``."""
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
         """Shuffled frozen responses: ``(N, C_in, H, W)`` -> ``(N, k C_in, ceil(H / s), ceil(W / s))``.
 
         Channel ``c k + j`` is ``p_j(x)[:, c]``; the mix (and the task mixes of a
         :class:`~polytask.models.etr_nlp.layers.RoutedConv` with ``task_branch="nlp"``) read this tensor.
-        A channels-last ``x`` gives channels-last responses.
+
+        A channels-last ``x`` (and responses larger than 1x1) gives channels-last responses in
+        another channel order, one copy of each response's channel runs instead of a channel-by-
+        channel interleave (12x faster to write at 64 channels, 288x384): the input channels in
+        runs of ``r = response_run``, and per run the ``k`` responses one after the other, so
+        channel ``(c // r) k r + j r + c % r`` is ``p_j(x)[:, c]``. The mixes take their weight
+        columns in that order (:meth:`mix_weight`).
         """
-        if is_channels_last(x):
-            # (N, H, W, C_in, k) in memory: channels-last, channel c k + j
-            return torch.stack([p(x).permute(0, 2, 3, 1) for p in self.primitives], dim=-1).flatten(3).permute(0, 3, 1, 2)
+        outputs = [p(x) for p in self.primitives]
+        if is_channels_last(x) and outputs[0].shape[-2] * outputs[0].shape[-1] > 1:
+            rows = [o.permute(0, 2, 3, 1) for o in outputs]
+            n, h, w, c = rows[0].shape
+            runs = torch.stack([r.reshape(n, h, w, c // self.response_run, self.response_run) for r in rows], dim=4)
+            return runs.flatten(3).permute(0, 3, 1, 2)
         # stacking on dim 2 is the concatenation followed by the channel shuffle
-        return torch.stack([p(x) for p in self.primitives], dim=2).flatten(1, 2)
+        return torch.stack(outputs, dim=2).flatten(1, 2)
+
+    def mix_weight(self, weight: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """A mix's grouped weight ``(..., g, O, k C_in / g)`` with its columns in the channel order of ``responses``.
+
+        Unchanged for the order ``c k + j``; for channels-last responses (see :meth:`responses`)
+        the columns of each group are reordered from ``(run, channel in run, response)`` to
+        ``(run, response, channel in run)``: one copy of the weight, whose gradient is the
+        inverse permutation.
+        """
+        if not is_channels_last(responses):
+            return weight
+        k, run = len(self.primitives), self.response_run
+        runs = weight.shape[-1] // (k * run)
+        return weight.unflatten(-1, (runs, run, k)).transpose(-1, -2).flatten(-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W)`` -> ``(N, C_out, ceil(H / s), ceil(W / s))``."""
-        return self.mix(self.responses(x))
+        responses = self.responses(x)
+        return self.mix.forward_blocks(responses, 1, lambda weight: self.mix_weight(weight, responses))
