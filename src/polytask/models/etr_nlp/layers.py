@@ -225,8 +225,7 @@ class RoutedConv(nn.Module):
             responses = self.shared.responses(x)
             if self.task_branch == "nlp" and self.shared.mix.groups == self.task_convs[0].groups:
                 return self.joint_mix(responses)
-            order = self.shared.mix_weight
-            shared = self.shared.mix.forward_blocks(responses, len(self.router.active), lambda weight: order(weight, responses))
+            shared = self.shared.mix_responses(responses, len(self.router.active))
             return torch.cat([shared, self.task_forward(responses if self.task_branch == "nlp" else x)], dim=1)
         parts = []
         if self.shared is not None:

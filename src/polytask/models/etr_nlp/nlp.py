@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,17 +60,15 @@ class PointwiseMix(nn.Conv2d):
         g = self.groups
         return self.weight.view(g, self.out_channels // g, self.in_channels // g)
 
-    def forward_blocks(
-        self, x: torch.Tensor, blocks: int, order: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor, blocks: int, grouped_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The mix of ``x`` taken as ``blocks`` equal batch blocks: ``(n B, C_in, H, W)`` -> ``(n B, C_out, H, W)``.
 
         Each block is computed as if it came alone (:func:`pointwise_blocks`), so a task's
         images get the same result whether other tasks' blocks are stacked with them or not.
-        ``order``: puts the grouped weight's columns in the order of ``x``'s channels when that is
-        not the weight's own (:meth:`NLPBlock.mix_weight`).
+        ``grouped_weight``: :meth:`grouped_weight` with its columns in the order of ``x``'s
+        channels, where that is not the weight's own (:meth:`NLPBlock.mix_responses`).
         """
-        weight = self.grouped_weight() if order is None else order(self.grouped_weight())
+        weight = self.grouped_weight() if grouped_weight is None else grouped_weight
         weight = weight.unsqueeze(0).expand(blocks, -1, -1, -1)
         bias = None if self.bias is None else self.bias.unsqueeze(0).expand(blocks, -1)
         return pointwise_blocks(x, weight, bias)
@@ -272,7 +270,11 @@ class NLPBlock(nn.Module):
         runs = weight.shape[-1] // (k * run)
         return weight.unflatten(-1, (runs, run, k)).transpose(-1, -2).flatten(-3)
 
+    def mix_responses(self, responses: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+        """The block's own mix of its ``responses`` taken as ``blocks`` task blocks, in their channel order:
+        ``(n B, k C_in, H', W')`` -> ``(n B, C_out, H', W')``."""
+        return self.mix.forward_blocks(responses, blocks, self.mix_weight(self.mix.grouped_weight(), responses))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W)`` -> ``(N, C_out, ceil(H / s), ceil(W / s))``."""
-        responses = self.responses(x)
-        return self.mix.forward_blocks(responses, 1, lambda weight: self.mix_weight(weight, responses))
+        return self.mix_responses(self.responses(x))
