@@ -21,6 +21,11 @@ from polytask.profiling.variants import build_variants, unused_parameters
 from polytask.utils.host_memory import host_malloc_state
 
 
+def _process_figures() -> dict[str, Any]:
+    """What a report records of the process itself: peak resident memory (MiB) and the host allocator's setting."""
+    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host_malloc": host_malloc_state()}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -158,8 +163,7 @@ def run_bench(
         for d in devices
     ]
     experiment.module.cpu()
-    report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report["host_malloc"] = host_malloc_state()
+    report.update(_process_figures())
     return report
 
 
@@ -264,6 +268,5 @@ def run_versus(
     report["versus"] = versus
     base.module.cpu()
     other.module.cpu()
-    report["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report["host_malloc"] = host_malloc_state()
+    report.update(_process_figures())
     return report
