@@ -12,9 +12,9 @@ from torch import nn
 import polytask.models.etr_nlp.net as net_module
 import polytask.models.etr_nlp.nlp as nlp_module
 from polytask.models.etr_nlp import RoutedSegNet
-from polytask.models.etr_nlp.layers import RoutedConv
+from polytask.models.etr_nlp.layers import RoutedConv, gather_channel_runs
 from polytask.models.etr_nlp.nlp import NLPBlock, PointwiseMix, pointwise_blocks
-from polytask.models.etr_nlp.primitives import FixedPool
+from polytask.models.etr_nlp.primitives import FixedPool, frozen_depthwise_conv, random_conv_weight
 from polytask.models.etr_nlp.stacked_batch import TaskRouter
 from polytask.models.summary import count_flops
 from polytask.tasks import build_task
@@ -36,6 +36,52 @@ def test_fixed_pools_equal_pytorch_pooling(stride: int, size: tuple[int, int]) -
         (grad,) = torch.autograd.grad(y, x, grad_out)
         (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_depthwise_conv_equals_pytorch_convolution(stride: int, dilation: int, channels_last: bool) -> None:
+    """Values and input gradients (stride 1: the flipped-kernel forward convolution) equal ``F.conv2d``'s; the gradient is itself differentiable."""
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = random_conv_weight(6, seed=3).double()
+    y = frozen_depthwise_conv(x, weight, stride, dilation)
+    expected = F.conv2d(x, weight, None, stride, dilation, dilation, 6)
+    assert y.shape == expected.shape == (2, 6, -(-7 // stride), -(-9 // stride))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(y, x, grad_out, create_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out, create_graph=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(grad)
+    (second,) = torch.autograd.grad((grad * probe).sum() + (y * y).sum(), x)
+    (expected_second,) = torch.autograd.grad((expected_grad * probe).sum() + (expected * expected).sum(), x)
+    torch.testing.assert_close(second, expected_second, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_channel_runs_equals_concatenated_slices(channels_last: bool) -> None:
+    """Values, memory format and gradient of the runs' gather equal those of ``torch.cat`` of the slices."""
+    y = torch.randn(2, 10, 3, 4, dtype=torch.float64)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    y.requires_grad_(True)
+    runs = [(0, 4), (7, 9), (4, 7), (9, 10)]
+    out = gather_channel_runs(y, runs)
+    expected = torch.cat([y[:, a:b] for a, b in runs], dim=1)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    grad_out = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(out, y, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, y, grad_out)
+    assert torch.equal(grad, expected_grad)
+    assert grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for bad in ([(0, 4), (4, 9)], [(0, 4), (3, 10)], [(0, 5), (4, 10)]):
+        with pytest.raises(ValueError, match="do not permute the 10 channels"):
+            gather_channel_runs(y, bad)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -120,8 +166,19 @@ def test_onednn_mixes_equal_the_matrix_products(monkeypatch: pytest.MonkeyPatch,
         inputs = [xx, weight] + ([bias_t] if bias else [])
         return [y, *torch.autograd.grad(y, inputs, grad_out)]
 
+    products: list[tuple[int, ...]] = []
+    onednn_linear = nlp_module._ONEDNN_LINEAR
+    assert onednn_linear is not None
+
+    def counted(*args: object) -> torch.Tensor:
+        products.append(tuple(args[0].shape))  # type: ignore[attr-defined]
+        return onednn_linear(*args)
+
+    monkeypatch.setattr(nlp_module, "_ONEDNN_LINEAR", counted)
     fast = run()
     assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    # one group: the weight gradient is oneDNN's matrix product, one per block
+    assert products == ([(o, b * 9 * 11)] * blocks if groups == 1 else [])
     _matmul_mixes(monkeypatch)
     reference = run()
     for got, expected in zip(fast, reference):
@@ -129,9 +186,10 @@ def test_onednn_mixes_equal_the_matrix_products(monkeypatch: pytest.MonkeyPatch,
 
 
 @needs_onednn
-def test_onednn_mix_of_a_block_does_not_depend_on_the_other_blocks() -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_onednn_mix_of_a_block_does_not_depend_on_the_other_blocks(groups: int) -> None:
     x = torch.randn(6, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
-    weight = torch.randn(3, 2, 4, 4, requires_grad=True)
+    weight = torch.randn(3, groups, 8 // groups, 8 // groups, requires_grad=True)
     grad_out = torch.randn(6, 8, 10, 10)
     y = pointwise_blocks(x, weight, None)
     grads = torch.autograd.grad(y, [x, weight], grad_out)

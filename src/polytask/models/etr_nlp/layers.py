@@ -7,7 +7,8 @@ and takes inputs in the stacked-batch layout ``(n B, C, H, W)`` (task blocks alo
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,44 @@ def shared_width(out_channels: int, gamma: float) -> int:
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     return round(gamma * out_channels)
+
+
+class _ChannelRuns(torch.autograd.Function):
+    """The channel runs ``y[:, a:b]`` of a permutation of ``y``'s channels, concatenated; the
+    backward is the inverse permutation, gathered the same way (one copy, no zero-filled
+    gradient per slice and no sum of them)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        ctx.runs = runs
+        return _cat_runs(y, runs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        offsets, start = [], 0
+        for a, b in ctx.runs:
+            offsets.append((a, start, start + b - a))
+            start += b - a
+        return _cat_runs(grad, tuple((lo, hi) for _, lo, hi in sorted(offsets))), None
+
+
+def _cat_runs(y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    # slices concatenated keep y's memory format (channels-last stays channels-last; a reshape would not)
+    return torch.cat([y[:, a:b] for a, b in runs], dim=1)
+
+
+def gather_channel_runs(y: torch.Tensor, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``cat([y[:, a:b] for a, b in runs], dim=1)`` for runs that permute all of ``y``'s channels: ``(N, C, H, W)`` -> ``(N, C, H, W)``.
+
+    Keeps ``y``'s memory format; its gradient is one gather of the output gradient's runs.
+
+    Raises:
+        ValueError: the runs do not cover each channel of ``y`` exactly once.
+    """
+    covered = sorted(runs)
+    if [a for a, _ in covered] != [0, *(b for _, b in covered[:-1])] or covered[-1][1] != y.shape[1]:
+        raise ValueError(f"channel runs {list(runs)} do not permute the {y.shape[1]} channels")
+    return _ChannelRuns.apply(y, tuple(runs))
 
 
 class RoutedConv(nn.Module):
@@ -214,10 +253,9 @@ class RoutedConv(nn.Module):
         y = pointwise_blocks(responses, weight, bias)
         shared_rows, task_rows = self.shared_channels // g, self.task_channels // g
         rows = shared_rows + task_rows
-        # one slice per group and branch, concatenated: keeps y's memory format (a reshape would not)
-        shared_parts = [y[:, j * rows : j * rows + shared_rows] for j in range(g)]
-        task_parts = [y[:, j * rows + shared_rows : (j + 1) * rows] for j in range(g)]
-        return torch.cat(shared_parts + task_parts, dim=1)
+        shared_runs = [(j * rows, j * rows + shared_rows) for j in range(g)]
+        task_runs = [(j * rows + shared_rows, (j + 1) * rows) for j in range(g)]
+        return gather_channel_runs(y, shared_runs + task_runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n B, C_in, H, W)`` -> ``(n B, C_out, ceil(H / s), ceil(W / s))``: shared channels first."""

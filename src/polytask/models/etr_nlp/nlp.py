@@ -126,8 +126,24 @@ class _OneDnnBlocks(torch.autograd.Function):
             # channels-last rows: (pixels, g, O) and (pixels, g, I) per block, read in place
             grad_rows = grad.permute(0, 2, 3, 1).reshape(n, b * h * w, g, o)
             x_rows = x.permute(0, 2, 3, 1).reshape(n, b * h * w, g, i)
-            grad_weight = torch.stack([torch.bmm(grad_rows[k].permute(1, 2, 0), x_rows[k].permute(1, 0, 2)) for k in range(n)])
+            grad_weight = torch.stack([_weight_grad(grad_rows[k], x_rows[k]) for k in range(n)])
         return grad_x, grad_weight
+
+
+def _weight_grad(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """The grouped 1x1 weight's gradient from channels-last rows: ``(P, g, O)`` and ``(P, g, I)`` -> ``(g, O, I)``.
+
+    One group (``g = 1``) runs as oneDNN's matrix product (``mkldnn::_linear_pointwise``, which
+    reads both operands in place): 1.5-2x MKL's rate on the AMD core of benchmarks/RESULTS.md.
+    Several groups take ``torch.bmm``: oneDNN's product falls to a slow path when a group's rows
+    are strided.
+    """
+    if grad_rows.shape[1] == 1 and _ONEDNN_LINEAR is not None:
+        return _ONEDNN_LINEAR(grad_rows[:, 0].t(), x_rows[:, 0].t(), None, "none", [], "").unsqueeze(0)
+    return torch.bmm(grad_rows.permute(1, 2, 0), x_rows.permute(1, 0, 2))
+
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:

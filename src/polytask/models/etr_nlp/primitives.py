@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,37 @@ def random_conv_weight(channels: int, seed: int) -> torch.Tensor:
     return torch.randn(channels, 1, 3, 3, generator=_generator(seed)) * math.sqrt(2.0 / 9.0)
 
 
+class _FrozenDepthwise(torch.autograd.Function):
+    """A stride-1 depthwise 3x3 convolution of frozen weights whose input gradient is the forward
+    convolution of the output gradient with the flipped kernel (the transposed convolution at
+    stride 1, "same" padding), computed by the forward kernel: on a CPU, oneDNN's depthwise
+    backward ran 2-8x (dilation 2: 8-25x) slower than its forward (benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.dilation = dilation
+        return F.conv2d(x, weight, None, 1, dilation, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return F.conv2d(grad, weight.flip(-1, -2), None, 1, ctx.dilation, ctx.dilation, grad.shape[1]), None, None
+
+
+def frozen_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, dilation: int = 1) -> torch.Tensor:
+    """Depthwise 3x3 convolution of fixed weights, padding ``dilation``: ``(N, C, H, W)`` -> ``(N, C, ceil(H / s), ceil(W / s))``.
+
+    ``weight``: ``(C, 1, 3, 3)``, no gradient. At stride 1 the input gradient is the forward
+    convolution with the flipped kernel (:class:`_FrozenDepthwise`); equal to PyTorch's
+    convolution backward up to float rounding.
+    """
+    weight = weight.to(x.dtype)
+    if stride == 1:
+        return _FrozenDepthwise.apply(x, weight, dilation)
+    return F.conv2d(x, weight, None, stride, dilation, dilation, x.shape[1])
+
+
 class FrozenDepthwiseConv(nn.Module):
     """A frozen depthwise 3x3 convolution with "same" padding.
 
@@ -74,7 +106,7 @@ class FrozenDepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> ``(N, C, ceil(H / s), ceil(W / s))``."""
-        return F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.dilation, self.dilation, x.shape[1])
+        return frozen_depthwise_conv(x, self.weight, self.stride, self.dilation)
 
 
 class FixedPerturbation(nn.Module):
@@ -148,7 +180,7 @@ class FixedPool(nn.Module):
         if self.mode == "max":
             return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, self.stride, 1)
         channels, (height, width) = x.shape[1], x.shape[-2:]
-        total = F.conv2d(x, x.new_ones(channels, 1, 3, 3), None, self.stride, 1, 1, channels)
+        total = frozen_depthwise_conv(x, x.new_ones(channels, 1, 3, 3), self.stride)
         count = F.conv2d(x.new_ones(1, 1, height, width), x.new_ones(1, 1, 3, 3), None, self.stride, 1)
         return total / count
 
