@@ -7,7 +7,7 @@ recombine k = 5 frozen responses per input channel; they run as matrix products.
 
 1. counts the floating-point operations of every matrix product of one task path's training step
    (forward of one task, backward of its output's mean square), exactly, from the operators the
-   step dispatches (the mixes' oneDNN 1x1 convolutions included), and times them;
+   step dispatches (the mixes' oneDNN 1x1 convolutions and oneDNN weight-gradient products included), and times them;
 2. measures the best rate of this core at matrix products (and, for comparison, at hard sharing's
    3x3 convolutions);
 3. times hard sharing's whole training step (all T heads) and the T heads' share of it;
@@ -39,16 +39,23 @@ from polytask.utils.host_memory import keep_freed_memory
 ETR_NLP = ["configs/etr_nlp_nyuv2.yaml"]
 HARD_SHARING = ["configs/etr_nlp_nyuv2.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"]
 ONEDNN_MIX = torch.ops.aten.mkldnn_convolution.default
-PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default, ONEDNN_MIX}
+ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
+PRODUCTS = {
+    torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default,
+    ONEDNN_MIX, ONEDNN_LINEAR,
+}
 
 
 def product_flops(func: Any, args: Sequence[Any], out: torch.Tensor) -> int:
-    """Floating-point operations (2 per multiply-add) of one matrix-product call, or of one of the
+    """Floating-point operations (2 per multiply-add) of one matrix-product call, of one of the
     mixes' oneDNN 1x1 convolutions (the only ``mkldnn_convolution`` calls made directly; the
-    primitives' convolutions dispatch as ``convolution``)."""
+    primitives' convolutions dispatch as ``convolution``), or of one of their weight gradients
+    as oneDNN's matrix product (``mkldnn::_linear_pointwise``: ``(M, K)`` by ``(N, K)``)."""
     if func is ONEDNN_MIX:
         weight = args[1]
         return 2 * out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if func is ONEDNN_LINEAR:
+        return 2 * out.numel() * args[0].shape[-1]
     a, b = (args[1], args[2]) if func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else (args[0], args[1])
     batch = a.shape[0] if a.dim() == 3 else 1
     return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
