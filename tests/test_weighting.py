@@ -451,6 +451,33 @@ def test_representation_form_trains_a_routed_network_whose_trunk_is_shared(tmp_p
     assert m.weighting._representation is None  # released after every step
 
 
+def test_vectorised_exact_form_gives_the_per_task_backwards_gradients(tmp_path: Path) -> None:
+    """``parallel_chunk_size=None`` (one ``torch.vmap`` pass) gives what one backward per task gives."""
+    data = tiny_data(tmp_path / "cache")
+    trained, start = [], None
+    for chunk in (1, None):
+        pl.seed_everything(0)
+        m = module(data, GradientAggregation("upgrad", parallel_chunk_size=chunk))
+        start = [p.detach().clone() for p in m.net.shared_parameters()]
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=data)
+        trained.append([p.detach().clone() for p in m.net.shared_parameters()])
+    assert start is not None and any(not torch.equal(a, b) for a, b in zip(start, trained[0]))
+    for a, b in zip(*trained, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="ETR-NLP's channels-last path needs oneDNN")
+def test_a_failed_vectorised_backward_names_the_option_that_works(tmp_path: Path) -> None:
+    """ETR-NLP in float32 on a CPU runs oneDNN convolutions that ``torch.vmap`` cannot batch: the
+    vectorised exact form stops with an error that names the network and ``parallel_chunk_size: 1``."""
+    pl.seed_everything(0)
+    data = tiny_data(tmp_path / "cache")
+    net = functools.partial(RoutedSegNet, routing="etr_nlp", **TINY_SEGNET)
+    m = module(data, GradientAggregation("upgrad", parallel_chunk_size=None), net)
+    with pytest.raises(RuntimeError, match=r"RoutedSegNet failed inside torch.vmap .*set parallel_chunk_size: 1"):
+        trainer(tmp_path, max_steps=1).fit(m, datamodule=data)
+
+
 @pytest.mark.skipif(not _available("nash_mtl"), reason="needs torchjd[nash_mtl] (cvxpy, ecos)")
 def test_nash_mtl_state_survives_a_checkpoint_round_trip() -> None:
     """Nash-MTL recomputes its weights every second step here, reusing its last ones in between: a

@@ -134,7 +134,8 @@ class GradientAggregation(Weighting):
         parallel_chunk_size: exact form: task losses differentiated at once (TorchJD's option); 1
             (default): one backward pass per task, which works everywhere; ``None``: all at once
             through ``torch.vmap``, faster where it works (not with bf16 autocast on a CPU, nor
-            compiled networks).
+            compiled networks, nor ETR-NLP's float32 oneDNN mixes on a CPU: a failure inside
+            ``torch.vmap`` is raised again naming this option).
         form: ``parameters`` or ``representation``, as above.
     """
 
@@ -216,7 +217,16 @@ class GradientAggregation(Weighting):
 
     def _parameters_backward(self, task_losses: list[torch.Tensor], reduce: Reduce, world_size: int) -> torch.Tensor | None:
         """Exact form: aggregate the (process-averaged) Jacobian of the shared parameters into their ``.grad``."""
-        jacobian_backward(task_losses, inputs=self._shared, retain_graph=True, parallel_chunk_size=self.parallel_chunk_size)
+        try:
+            jacobian_backward(task_losses, inputs=self._shared, retain_graph=True, parallel_chunk_size=self.parallel_chunk_size)
+        except RuntimeError as err:
+            if self.parallel_chunk_size == 1 or "vmap" not in str(err):
+                raise
+            raise RuntimeError(
+                f"GradientAggregation: the vectorised backward (parallel_chunk_size={self.parallel_chunk_size}) of "
+                f"{self._net_name or 'the network'} failed inside torch.vmap ({err}); set parallel_chunk_size: 1 "
+                "(one backward pass per task), which works with every network"
+            ) from err
         if world_size > 1:
             rows = len(task_losses)
             flat = reduce(torch.cat([p.jac.reshape(rows, -1) for p in self._shared], dim=1))
