@@ -60,7 +60,7 @@ class _FrozenDepthwise(torch.autograd.Function):
     """A stride-1 depthwise 3x3 convolution of frozen weights whose input gradient is the forward
     convolution of the output gradient with the flipped kernel (the transposed convolution at
     stride 1, "same" padding), computed by the forward kernel: on a CPU, oneDNN's depthwise
-    backward ran 2-8x (dilation 2: 8-25x) slower than its forward (benchmarks/RESULTS.md)."""
+    backward ran 1.3-2.3x (dilation 2: 8-19x) slower than its forward (benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
