@@ -32,7 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
+from polytask.models.summary import mkldnn_convolution_flops
 from polytask.profiling.experiment import load_experiment
 from polytask.utils.host_memory import keep_freed_memory
 
@@ -40,25 +42,20 @@ ETR_NLP = ["configs/etr_nlp_nyuv2.yaml"]
 HARD_SHARING = ["configs/etr_nlp_nyuv2.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"]
 ONEDNN_MIX = torch.ops.aten.mkldnn_convolution.default
 ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
-PRODUCTS = {
-    torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default,
-    ONEDNN_MIX, ONEDNN_LINEAR,
-}
+MATRIX_PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default}
+PRODUCTS = {*MATRIX_PRODUCTS, ONEDNN_MIX, ONEDNN_LINEAR}
 
 
 def product_flops(func: Any, args: Sequence[Any], out: torch.Tensor) -> int:
-    """Floating-point operations (2 per multiply-add) of one matrix-product call, of one of the
-    mixes' oneDNN 1x1 convolutions (the only ``mkldnn_convolution`` calls made directly; the
-    primitives' convolutions dispatch as ``convolution``), or of one of their weight gradients
-    as oneDNN's matrix product (``mkldnn::_linear_pointwise``: ``(M, K)`` by ``(N, K)``)."""
+    """Floating-point operations (2 per multiply-add) of one matrix-product call (PyTorch's FLOP
+    formulas), of one of the mixes' oneDNN 1x1 convolutions (the only ``mkldnn_convolution`` calls
+    made directly; the primitives' convolutions dispatch as ``convolution``), or of one of their
+    weight gradients as oneDNN's matrix product (``mkldnn::_linear_pointwise``: ``(M, K)`` by ``(N, K)``)."""
     if func is ONEDNN_MIX:
-        weight = args[1]
-        return 2 * out.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3]
+        return mkldnn_convolution_flops(args[0].shape, args[1].shape, out_shape=out.shape)
     if func is ONEDNN_LINEAR:
-        return 2 * out.numel() * args[0].shape[-1]
-    a, b = (args[1], args[2]) if func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else (args[0], args[1])
-    batch = a.shape[0] if a.dim() == 3 else 1
-    return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        return flop_registry[torch.ops.aten.mm](args[0], args[1].t(), out_val=out)
+    return flop_registry[func.overloadpacket](*args, out_val=out)
 
 
 class ProductCounter(TorchDispatchMode):
