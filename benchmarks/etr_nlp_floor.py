@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from polytask.models.summary import mkldnn_convolution_flops
+from polytask.models.summary import onednn_convolution_flops
 from polytask.profiling.experiment import load_experiment
 from polytask.utils.host_memory import keep_freed_memory
 
 ETR_NLP = ["configs/etr_nlp_nyuv2.yaml"]
 HARD_SHARING = ["configs/etr_nlp_nyuv2.yaml", "configs/etr_nlp_baseline_hard_sharing_segnet.yaml"]
-ONEDNN_MIX = torch.ops.aten.mkldnn_convolution.default
+ONEDNN_MIX = torch.ops.mkldnn._convolution_pointwise.default
 ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 MATRIX_PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default}
 PRODUCTS = {*MATRIX_PRODUCTS, ONEDNN_MIX, ONEDNN_LINEAR}
@@ -48,11 +48,11 @@ PRODUCTS = {*MATRIX_PRODUCTS, ONEDNN_MIX, ONEDNN_LINEAR}
 
 def product_flops(func: Any, args: Sequence[Any], out: torch.Tensor) -> int:
     """Floating-point operations (2 per multiply-add) of one matrix-product call (PyTorch's FLOP
-    formulas), of one of the mixes' oneDNN 1x1 convolutions (the only ``mkldnn_convolution`` calls
+    formulas), of one of the mixes' oneDNN 1x1 convolutions (the only ``mkldnn::_convolution_pointwise`` calls
     made directly; the primitives' convolutions dispatch as ``convolution``), or of one of their
     weight gradients as oneDNN's matrix product (``mkldnn::_linear_pointwise``: ``(M, K)`` by ``(N, K)``)."""
     if func is ONEDNN_MIX:
-        return mkldnn_convolution_flops(args[0].shape, args[1].shape, out_shape=out.shape)
+        return onednn_convolution_flops(args[0].shape, args[1].shape, out_shape=out.shape)
     if func is ONEDNN_LINEAR:
         return flop_registry[torch.ops.aten.mm](args[0], args[1].t(), out_val=out)
     return flop_registry[func.overloadpacket](*args, out_val=out)
@@ -100,7 +100,7 @@ def peak_rates(image_size: Sequence[int], repeats: int) -> dict[str, float]:
     return {
         "matmul_2048": 2 * 2048**3 / median_seconds(lambda: a @ b, repeats) / 1e9,
         "conv1x1_2560_512": 2 * 2560 * 512 * 36 * 48 / median_seconds(
-            lambda: torch.mkldnn_convolution(mix_x, mix_w, None, (0, 0), (1, 1), (1, 1), 1), repeats) / 1e9,
+            lambda: ONEDNN_MIX(mix_x, mix_w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], ""), repeats) / 1e9,
         "conv3x3_64": 2 * 64 * 64 * 9 * image_size[0] * image_size[1] / median_seconds(
             lambda: F.conv2d(x, w, padding=1), repeats) / 1e9,
     }

@@ -44,10 +44,11 @@ class ModelSummary:
         }
 
 
-def mkldnn_convolution_flops(
+def onednn_convolution_flops(
     x_shape: Sequence[int], w_shape: Sequence[int], *args: object, out_shape: Sequence[int], **kwargs: object
 ) -> int:
-    """FLOPs of ``aten.mkldnn_convolution`` (called directly by ETR-NLP's mixes on the CPU), as of a convolution."""
+    """FLOPs of ``mkldnn::_convolution_pointwise`` (oneDNN's convolution, called directly by ETR-NLP's
+    mixes on the CPU), as of a convolution."""
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
 
 
@@ -62,7 +63,7 @@ def flop_counter(net: nn.Module, image_size: Sequence[int], batch_size: int = 1)
     net.eval()
     device = next(net.parameters()).device
     images = torch.zeros(batch_size, 3, *image_size, device=device)
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mkldnn_convolution: mkldnn_convolution_flops})
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._convolution_pointwise: onednn_convolution_flops})
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(images)
     net.train(was_training)

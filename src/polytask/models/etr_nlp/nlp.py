@@ -92,32 +92,36 @@ def onednn_mixes(x: torch.Tensor) -> bool:
 
 
 class _OneDnnBlocks(torch.autograd.Function):
-    """Block ``k`` of ``x`` through the grouped 1x1 weight ``weight[k]``, as oneDNN convolutions in channels-last memory.
+    """Block ``k`` of ``x`` through the grouped 1x1 weight ``weight[k]`` and bias ``bias[k]``, as oneDNN
+    convolutions in channels-last memory.
 
-    Forward: one ``mkldnn_convolution`` per block. Backward: the input gradient is the 1x1
-    convolution of the output gradient with each group's transposed matrix (the same kernel as
-    the forward); the weight gradient is one matrix product per block and group over the
-    block's pixels. Each block is its own calls, so a block's result does not depend on the
-    other blocks.
+    Forward: one oneDNN convolution per block, the bias added by the convolution. Backward: the
+    input gradient is the 1x1 convolution of the output gradient with each group's transposed
+    matrix (the same kernel as the forward); the weight gradient is one matrix product per block
+    and group over the block's pixels; the bias gradient the sum of the block's output gradient.
+    Each block is its own calls, so a block's result does not depend on the other blocks.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, g, o, i = weight.shape
         b = x.shape[0] // n
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
-        blocks = [_conv1x1(x[k * b : (k + 1) * b], weight[k].reshape(g * o, i, 1, 1), g) for k in range(n)]
+        blocks = [
+            _conv1x1(x[k * b : (k + 1) * b], weight[k].reshape(g * o, i, 1, 1), g, None if bias is None else bias[k])
+            for k in range(n)
+        ]
         return blocks[0] if n == 1 else torch.cat(blocks)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         n, g, o, i = weight.shape
         nb, _, h, w = x.shape
         b = nb // n
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_weight = None
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             transposed = weight.transpose(2, 3).reshape(n, g * i, o, 1, 1).contiguous()
             blocks = [_conv1x1(grad[k * b : (k + 1) * b], transposed[k], g) for k in range(n)]
@@ -127,7 +131,9 @@ class _OneDnnBlocks(torch.autograd.Function):
             grad_rows = grad.permute(0, 2, 3, 1).reshape(n, b * h * w, g, o)
             x_rows = x.permute(0, 2, 3, 1).reshape(n, b * h * w, g, i)
             grad_weight = torch.stack([_weight_grad(grad_rows[k], x_rows[k]) for k in range(n)])
-        return grad_x, grad_weight
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.view(n, b, g * o, h, w).sum((1, 3, 4))
+        return grad_x, grad_weight, grad_bias
 
 
 def _weight_grad(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
@@ -135,23 +141,41 @@ def _weight_grad(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
 
     One group (``g = 1``) runs as oneDNN's matrix product (``mkldnn::_linear_pointwise``, which
     reads both operands in place): 1.5-2x MKL's rate on the AMD core of benchmarks/RESULTS.md.
-    Several groups take ``torch.bmm``: oneDNN's product falls to a slow path when a group's rows
-    are strided.
+    Several groups of at least :data:`ONEDNN_GROUP_ROWS` rows take one oneDNN product per group on
+    dense copies of its rows (oneDNN's product falls to a slow path when a group's rows are
+    strided); fewer rows take ``torch.bmm``, which beat the copies there. So does a backward that
+    ``torch.compile`` traces: its compiler lowers oneDNN's product only for a constant weight.
     """
-    if grad_rows.shape[1] == 1 and _ONEDNN_LINEAR is not None:
-        return _ONEDNN_LINEAR(grad_rows[:, 0].t(), x_rows[:, 0].t(), None, "none", [], "").unsqueeze(0)
-    return torch.bmm(grad_rows.permute(1, 2, 0), x_rows.permute(1, 0, 2))
+    groups, rows = grad_rows.shape[1:]
+    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or (groups > 1 and rows < ONEDNN_GROUP_ROWS):
+        return torch.bmm(grad_rows.permute(1, 2, 0), x_rows.permute(1, 0, 2))
+    # a single group's rows are dense already: contiguous() copies only for several groups
+    return torch.stack([
+        _ONEDNN_LINEAR(grad_rows[:, j].contiguous().t(), x_rows[:, j].contiguous().t(), None, "none", [], "")
+        for j in range(groups)
+    ])
+
+
+ONEDNN_GROUP_ROWS = 64
+"""Output rows per group from which a mix of several groups takes its weight gradient from oneDNN's
+product on dense copies (:func:`_weight_grad`). With the NYUv2 SegNet's shapes that ran at 1.3-1.7x
+``torch.bmm``'s speed with 128 rows and 0.75-1.0x with 32 (``benchmarks/etr_nlp_alternatives.py``,
+two runs); the threshold lies between the two."""
 
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_CONVOLUTION = torch.ops.mkldnn._convolution_pointwise.default if torch.backends.mkldnn.is_available() else None
 
 
-def _conv1x1(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """oneDNN's 1x1 convolution: ``(B, g I, H, W)`` with ``weight`` ``(g O, I, 1, 1)`` -> ``(B, g O, H, W)``.
+def _conv1x1(x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's 1x1 convolution: ``(B, g I, H, W)`` with ``weight`` ``(g O, I, 1, 1)`` and ``bias`` ``(g O,)`` -> ``(B, g O, H, W)``.
 
     Called directly: ``F.conv2d`` hands a 1x1 convolution on one thread to MKL's matrix product.
+    ``mkldnn::_convolution_pointwise`` runs oneDNN's convolution as ``torch.mkldnn_convolution``
+    does (equal outputs, same speed in benchmarks/RESULTS.md) and, unlike it, has a shape
+    function, so ``torch.compile`` can trace it.
     """
-    return torch.mkldnn_convolution(x, weight, None, (0, 0), (1, 1), (1, 1), groups)
+    return _ONEDNN_CONVOLUTION(x, weight, bias, [0, 0], [1, 1], [1, 1], groups, "none", [], "")
 
 
 def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -176,10 +200,7 @@ def pointwise_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     nb, _, h, w = x.shape
     b, weight = nb // n, weight.to(x.dtype)
     if is_channels_last(x) and onednn_mixes(x):
-        out = _OneDnnBlocks.apply(x, weight)
-        if bias is not None:
-            out = out + bias.to(x.dtype).repeat_interleave(b, dim=0).view(nb, g * o, 1, 1)
-        return out
+        return _OneDnnBlocks.apply(x, weight, None if bias is None else bias.to(x.dtype))
     if h * w * (o + i) >= o * i:
         y = torch.matmul(weight.unsqueeze(1), x.reshape(n, b, g, i, h * w))
     else:
