@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from polytask.models.etr_nlp import nlp as nlp_module
 from polytask.models.etr_nlp.nlp import _ONEDNN_LINEAR, ONEDNN_GROUP_ROWS, NLPBlock
 from polytask.models.etr_nlp.primitives import FixedPool
 from polytask.profiling.experiment import load_experiment
+from polytask.profiling.timing import Variant, time_interleaved
 from polytask.utils.host_memory import keep_freed_memory
 
 CHANNELS_LAST = torch.channels_last
@@ -47,15 +47,13 @@ MAX_POOL_BACKWARD = torch.ops.aten.max_pool2d_with_indices_backward
 
 
 def interleaved_ms(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each callable over ``repeats`` rounds (one call each per round, in turn), after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for round_ in range(repeats + 1):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    """Median milliseconds of each callable: :func:`~polytask.profiling.timing.time_interleaved`, one
+    warm-up call each, then ``repeats`` rounds of one call each, each round starting one callable later."""
+    variants = [Variant(name, "fp32", False, "call", lambda: None, fn) for name, fn in candidates.items()]
+    times, failed = time_interleaved(variants, 1, repeats, torch.device("cpu"))
+    if failed:
+        raise RuntimeError(f"candidates failed: {failed}")
+    return {v.net: 1e3 * statistics.median(times[v.key]) for v in variants}
 
 
 def responses_backward(image_size: Sequence[int], repeats: int) -> dict[str, Any]:
